@@ -1,0 +1,34 @@
+# One command for the main job, one for the tests; each sets up .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup quickstart test test-slow lint benchmark clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+quickstart: $(STAMP)
+	$(PY) -m spinenet_tf.tools.summary --all
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check spinenet_tf tests benchmarks
+	$(PY) -m ruff format --check spinenet_tf tests benchmarks
+
+benchmark: $(STAMP)
+	$(PY) benchmarks/backbone.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

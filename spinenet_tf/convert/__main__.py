@@ -1,0 +1,91 @@
+"""Convert a Model Garden checkpoint into spinenet_tf weights.
+
+    python -m spinenet_tf.convert --model_id=49 --checkpoint=/path/ckpt-500000 \
+        --output=spinenet49.weights.h5
+
+Model Garden publishes `tf.train.Checkpoint(model=detector)` files; checkpoints of a bare
+backbone (`tf.train.Checkpoint(backbone=...)`) work too. Only the backbone is converted.
+Needs the `modelgarden` extra.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from spinenet_tf import specs  # noqa: E402
+from spinenet_tf.convert.model_garden import (  # noqa: E402
+    build_model_garden_backbone,
+    from_model_garden,
+)
+from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_id", None, f"One of {', '.join(specs.MODEL_IDS)}.")
+flags.DEFINE_string("checkpoint", None, "Model Garden checkpoint prefix or directory.")
+flags.DEFINE_string("output", None, "Where to write: *.weights.h5 (weights) or *.keras (model).")
+flags.DEFINE_integer("min_level", 3, "Lowest output level the checkpoint's model used.")
+flags.DEFINE_integer("max_level", 7, "Highest output level the checkpoint's model used.")
+flags.DEFINE_string("activation", None, "relu or swish; default: the model id's.")
+flags.mark_flags_as_required(["model_id", "checkpoint", "output"])
+
+# Where a backbone sits in the object graphs Model Garden writes.
+_ROOTS = (
+    lambda m: tf.train.Checkpoint(model=tf.train.Checkpoint(backbone=m)),
+    lambda m: tf.train.Checkpoint(backbone=m),
+    lambda m: tf.train.Checkpoint(model=m),
+)
+
+
+def restore_model_garden_backbone(backbone, checkpoint: str):
+    """Reads `checkpoint` into a Model Garden backbone; raises naming the file on failure."""
+    path = tf.train.latest_checkpoint(checkpoint) if tf.io.gfile.isdir(checkpoint) else checkpoint
+    if not path or not tf.io.gfile.glob(path + "*"):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}")
+    errors = []
+    for make_root in _ROOTS:
+        status = make_root(backbone).read(path)
+        try:
+            status.assert_existing_objects_matched()
+            status.expect_partial()
+            return path
+        except AssertionError as e:
+            errors.append(str(e).splitlines()[0])
+    raise ValueError(
+        f"checkpoint {path!r} holds no backbone matching this Model Garden SpineNet "
+        f"(wrong --model_id or --min_level/--max_level?): {errors[0]}"
+    )
+
+
+def convert(model_id: str, checkpoint: str, output: str, min_level: int = 3,
+            max_level: int = 7, activation: str | None = None):
+    if not (output.endswith(".weights.h5") or output.endswith(".keras")):
+        raise ValueError(f"--output {output!r} must end in .weights.h5 or .keras")
+    kwargs = dict(min_level=min_level, max_level=max_level)
+    if activation:
+        kwargs["activation"] = activation
+    source = build_model_garden_backbone(model_id, **kwargs)
+    path = restore_model_garden_backbone(source, checkpoint)
+    target = build_backbone(model_id, **kwargs)
+    from_model_garden(source, target)
+    if output.endswith(".keras"):
+        target.save(output)
+    else:
+        target.save_weights(output)
+    logging.info("converted %s (%s) -> %s", path, model_id, output)
+    return target
+
+
+def main(argv):
+    del argv
+    convert(FLAGS.model_id, FLAGS.checkpoint, FLAGS.output, FLAGS.min_level, FLAGS.max_level,
+            FLAGS.activation)
+    print(f"wrote {FLAGS.output}")
+
+
+if __name__ == "__main__":
+    app.run(main)

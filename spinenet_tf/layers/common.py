@@ -1,0 +1,145 @@
+"""Shared conv / norm settings, activations, stochastic depth and nearest upsampling."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import keras
+from keras import ops
+
+ACTIVATIONS = ("relu", "swish")
+
+
+def get_activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {', '.join(ACTIVATIONS)}")
+    return keras.activations.get("silu" if name == "swish" else name)
+
+
+def hard_sigmoid(x):
+    # Model Garden's SE gate in SpineNet-Mobile: relu6(x + 3) / 6.
+    return ops.relu6(x + 3.0) / 6.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSettings:
+    """Everything every conv and batch norm in the network shares, passed once.
+
+    `kernel_initializer` and `kernel_regularizer` are kept in serialised form so the object is
+    plain data and round-trips through get_config.
+    """
+
+    kernel_initializer: Any = "VarianceScaling"
+    kernel_regularizer: Any = None
+    norm_momentum: float = 0.99
+    norm_epsilon: float = 1e-3
+    use_sync_bn: bool = False
+
+    def __post_init__(self):
+        reg = self.kernel_regularizer
+        if reg is not None and not isinstance(reg, (dict, str)):
+            object.__setattr__(self, "kernel_regularizer", keras.regularizers.serialize(reg))
+        init = self.kernel_initializer
+        if not isinstance(init, (dict, str)):
+            object.__setattr__(self, "kernel_initializer", keras.initializers.serialize(init))
+        if not 0.0 <= self.norm_momentum < 1.0:
+            raise ValueError(f"norm_momentum {self.norm_momentum} must be in [0, 1)")
+        if self.norm_epsilon <= 0:
+            raise ValueError(f"norm_epsilon {self.norm_epsilon} must be > 0")
+
+    @classmethod
+    def from_any(cls, value: ConvSettings | dict | None) -> ConvSettings:
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        return cls(**value)
+
+    def to_config(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def _initializer(self):
+        # A fresh instance per layer: Keras 3 warns when one seeded instance is reused.
+        init = self.kernel_initializer
+        return keras.initializers.get(dict(init) if isinstance(init, dict) else init)
+
+    def _regularizer(self):
+        reg = self.kernel_regularizer
+        return None if reg is None else keras.regularizers.get(
+            dict(reg) if isinstance(reg, dict) else reg
+        )
+
+    def conv(self, filters: int, kernel_size: int, strides: int = 1, use_bias: bool = False,
+             name: str | None = None) -> keras.layers.Conv2D:
+        return keras.layers.Conv2D(
+            filters, kernel_size, strides=strides, padding="same", use_bias=use_bias,
+            kernel_initializer=self._initializer(), kernel_regularizer=self._regularizer(),
+            name=name,
+        )
+
+    def depthwise_conv(self, kernel_size: int, strides: int = 1,
+                       name: str | None = None) -> keras.layers.DepthwiseConv2D:
+        # As in Model Garden, depthwise kernels are not regularised.
+        return keras.layers.DepthwiseConv2D(
+            kernel_size, strides=strides, padding="same", use_bias=False,
+            depthwise_initializer=self._initializer(), name=name,
+        )
+
+    def norm(self, name: str | None = None) -> keras.layers.BatchNormalization:
+        return keras.layers.BatchNormalization(
+            momentum=self.norm_momentum, epsilon=self.norm_epsilon,
+            synchronized=self.use_sync_bn, name=name,
+        )
+
+
+class StochasticDepth(keras.layers.Layer):
+    """Drops the residual branch per example with probability `rate` (Huang et al. 2016)."""
+
+    def __init__(self, rate: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"stochastic depth rate {rate} must be in [0, 1)")
+        self.rate = float(rate)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if rate > 0 else None
+        # No weights: built from the start, also when a block never calls it (MBConv blocks
+        # without a residual connection).
+        self.built = True
+
+    def call(self, x, training=None):
+        if not training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
+        noise = keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator)
+        mask = ops.floor(keep + noise)
+        return x / ops.cast(keep, x.dtype) * mask
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate, "seed": self.seed}
+
+
+def nearest_upsample(x, scale: int, target_hw=None):
+    """Nearest-neighbour upsampling by an integer factor via reshape + broadcast.
+
+    tf.image.resize(method="nearest") has no XLA gradient; this has. When `target_hw` is
+    given, the result is cropped to it: levels are ceil(size / 2**level), so upsampling
+    ceil(size / 2**l) by 2**k can overshoot ceil(size / 2**(l-k)) by up to 2**k - 1 rows.
+    """
+    if scale == 1:
+        return x
+    shape = ops.shape(x)
+    b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
+    x = ops.reshape(x, (b, h, 1, w, 1, c))
+    x = ops.broadcast_to(x, (b, h, scale, w, scale, c))
+    x = ops.reshape(x, (b, h * scale, w * scale, c))
+    if target_hw is not None:
+        x = x[:, : target_hw[0], : target_hw[1], :]
+    return x
+
+
+def level_size(image_hw, level: int):
+    """Spatial size of `level` for an image of size `image_hw`: ceil(size / 2**level)."""
+    stride = 2**level
+    return tuple((s + stride - 1) // stride for s in image_hw)

@@ -1,0 +1,107 @@
+"""Parameters and multiply-adds of SpineNet models.
+
+    python -m spinenet_tf.tools.summary --model_id=49 --image_size=640
+    python -m spinenet_tf.tools.summary --all
+
+Multiply-adds are TF profiler float operations / 2 on the inference graph at batch 1, the way
+Model Garden reports its FLOPs, so the two are comparable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Before TensorFlow is imported: its start-up log lines would bury the table.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from spinenet_tf import specs  # noqa: E402
+from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
+
+# The input sizes of the paper's detection results (Table 3) and SpineNet-Mobile's.
+PAPER_IMAGE_SIZES = {
+    "49S": 640, "49": 640, "96": 1024, "143": 1280, "143L": 1280, "190": 1280,
+    "mobile-49XS": 256, "mobile-49S": 384, "mobile-49": 384,
+}
+
+
+def count_parameters(model, trainable_only: bool = True) -> int:
+    weights = model.trainable_weights if trainable_only else model.weights
+    return int(sum(np.prod(w.shape) for w in weights))
+
+
+def count_multiply_adds(model, image_hw: tuple[int, int], channels: int = 3) -> int:
+    """Profiler float operations / 2 of one forward pass in inference mode at batch 1."""
+    spec = tf.TensorSpec([1, *image_hw, channels], tf.float32)
+    fn = tf.function(lambda x: model(x, training=False))
+    graph = fn.get_concrete_function(spec).graph
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    profile = tf.compat.v1.profiler.profile(
+        graph=graph, run_meta=tf.compat.v1.RunMetadata(), options=options
+    )
+    return int(profile.total_float_ops) // 2
+
+
+def parse_image_size(value: str) -> tuple[int, int]:
+    parts = str(value).lower().replace("x", ",").split(",")
+    try:
+        sizes = [int(p) for p in parts if p]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes, default=0) < 1:
+        raise ValueError(f"image size {value!r} must be N or HxW with positive integers")
+    return (sizes[0], sizes[-1])
+
+
+def summarize(model_id: str, image_hw: tuple[int, int]) -> dict:
+    model = build_backbone(model_id, input_shape=(*image_hw, 3))
+    return {
+        "model_id": model_id,
+        "image_size": f"{image_hw[0]}x{image_hw[1]}",
+        "params": count_parameters(model),
+        "all_variables": count_parameters(model, trainable_only=False),
+        "gmacs": count_multiply_adds(model, image_hw) / 1e9,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [
+        "| model_id | image size | trainable params | all variables | backbone GMACs |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model_id']} | {r['image_size']} | {r['params']:,} | "
+            f"{r['all_variables']:,} | {r['gmacs']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("model_id", None, f"Model ids, of {', '.join(specs.MODEL_IDS)}.")
+flags.DEFINE_string("image_size", None, "N or HxW; default: the paper's size for the model.")
+flags.DEFINE_bool("all", False, "Summarise every model id at its paper image size.")
+
+
+def main(argv):
+    del argv
+    model_ids = list(specs.MODEL_IDS) if FLAGS.all else FLAGS.model_id
+    if not model_ids:
+        raise app.UsageError("give --model_id=ID (repeatable) or --all")
+    rows = []
+    for model_id in model_ids:
+        specs.get_scaling(model_id)
+        hw = (parse_image_size(FLAGS.image_size) if FLAGS.image_size
+              else (PAPER_IMAGE_SIZES[model_id],) * 2)
+        rows.append(summarize(model_id, hw))
+        print(f"summarised {model_id}", file=sys.stderr, flush=True)
+    print(format_table(rows))
+
+
+if __name__ == "__main__":
+    app.run(main)
