@@ -125,6 +125,19 @@ SCALINGS: dict[str, Scaling] = {
 }
 MODEL_IDS = tuple(SCALINGS)
 
+# Input sizes of the paper's detection results (Table 3) and of SpineNet-Mobile's.
+PAPER_IMAGE_SIZES = {
+    "49S": 640,
+    "49": 640,
+    "96": 1024,
+    "143": 1280,
+    "143L": 1280,
+    "190": 1280,
+    "mobile-49XS": 256,
+    "mobile-49S": 384,
+    "mobile-49": 384,
+}
+
 
 def get_scaling(model_id: str) -> Scaling:
     key = str(model_id)

@@ -5,7 +5,15 @@ from spinenet_tf import specs
 
 def test_every_model_id_resolves_and_unknown_ids_list_the_valid_ones():
     assert specs.MODEL_IDS == (
-        "49S", "49", "96", "143", "143L", "190", "mobile-49XS", "mobile-49S", "mobile-49",
+        "49S",
+        "49",
+        "96",
+        "143",
+        "143L",
+        "190",
+        "mobile-49XS",
+        "mobile-49S",
+        "mobile-49",
     )
     assert specs.get_scaling("190").block_repeats == 4
     with pytest.raises(ValueError, match=r"unknown model_id '48'; expected one of 49S, 49, 96"):
@@ -24,9 +32,12 @@ def test_block_spec_accepts_tuples_lists_and_dicts_and_round_trips():
     spec = specs.BlockSpec.from_any((4, "bottleneck", [0, 1], True))
     assert spec == specs.BlockSpec(4, "bottleneck", (0, 1), True)
     assert specs.BlockSpec.from_any(spec.to_list()) == spec
-    assert specs.BlockSpec.from_any(
-        {"level": 4, "block_fn": "bottleneck", "input_offsets": (0, 1), "is_output": True}
-    ) == spec
+    assert (
+        specs.BlockSpec.from_any(
+            {"level": 4, "block_fn": "bottleneck", "input_offsets": (0, 1), "is_output": True}
+        )
+        == spec
+    )
     with pytest.raises(ValueError, match="must be"):
         specs.BlockSpec.from_any((4, "bottleneck", (0, 1)))
 

@@ -16,7 +16,13 @@ from spinenet_tf.models.spinenet import SpineNet
 # The variables our conv and batch-norm layers own; everything else (fusion weights, the
 # stochastic-depth seed state) has no Model Garden counterpart.
 _CONVERTED_NAMES = {
-    "kernel", "bias", "depthwise_kernel", "gamma", "beta", "moving_mean", "moving_variance",
+    "kernel",
+    "bias",
+    "depthwise_kernel",
+    "gamma",
+    "beta",
+    "moving_mean",
+    "moving_variance",
 }
 
 
@@ -68,7 +74,7 @@ def from_model_garden(source, target: SpineNet) -> SpineNet:
         raise TypeError(f"target must be a spinenet_tf SpineNet, got {type(target).__name__}")
     src_vars = model_garden_variables(source)
     dst_vars = spinenet_variables(target)
-    for i, (src, dst) in enumerate(zip(src_vars, dst_vars)):
+    for i, (src, dst) in enumerate(zip(src_vars, dst_vars, strict=False)):
         if tuple(src.shape) != tuple(dst.shape):
             raise ValueError(
                 f"variable {i}: ours {dst.path!r} has shape {tuple(dst.shape)} but Model "
@@ -76,19 +82,28 @@ def from_model_garden(source, target: SpineNet) -> SpineNet:
                 "built with different settings (model_id, min/max level, block specs)"
             )
     if len(src_vars) != len(dst_vars):
-        extra = (src_vars[len(dst_vars)].name if len(src_vars) > len(dst_vars)
-                 else dst_vars[len(src_vars)].path)
+        extra = (
+            src_vars[len(dst_vars)].name
+            if len(src_vars) > len(dst_vars)
+            else dst_vars[len(src_vars)].path
+        )
         raise ValueError(
             f"Model Garden's model has {len(src_vars)} variables and ours {len(dst_vars)}; "
             f"the first unpaired one is {extra!r}"
         )
-    for src, dst in zip(src_vars, dst_vars):
+    for src, dst in zip(src_vars, dst_vars, strict=True):
         dst.assign(np.asarray(src.numpy(), dtype=dst.dtype))
     return target
 
 
-def build_model_garden_backbone(model_id: str, input_shape=(None, None, 3), min_level: int = 3,
-                                max_level: int = 7, activation: str | None = None, **kwargs):
+def build_model_garden_backbone(
+    model_id: str,
+    input_shape=(None, None, 3),
+    min_level: int = 3,
+    max_level: int = 7,
+    activation: str | None = None,
+    **kwargs,
+):
     """Builds Model Garden's backbone for one of our model ids through its own factory."""
     import tf_keras
     from official.vision.configs import backbones as mg_backbones
@@ -100,7 +115,9 @@ def build_model_garden_backbone(model_id: str, input_shape=(None, None, 3), min_
         config = mg_backbones.Backbone(
             type="spinenet_mobile",
             spinenet_mobile=mg_backbones.SpineNetMobile(
-                model_id=model_id.split("-", 1)[1], min_level=min_level, max_level=max_level,
+                model_id=model_id.split("-", 1)[1],
+                min_level=min_level,
+                max_level=max_level,
                 **kwargs,
             ),
         )

@@ -11,9 +11,16 @@ from spinenet_tf.layers.common import ConvSettings, StochasticDepth, get_activat
 class _Block(keras.layers.Layer):
     """Shared arguments and config of the three block types."""
 
-    def __init__(self, filters: int, strides: int = 1, use_projection: bool = False,
-                 stochastic_depth_rate: float = 0.0, activation: str = "relu",
-                 settings: ConvSettings | dict | None = None, **kwargs):
+    def __init__(
+        self,
+        filters: int,
+        strides: int = 1,
+        use_projection: bool = False,
+        stochastic_depth_rate: float = 0.0,
+        activation: str = "relu",
+        settings: ConvSettings | dict | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if filters < 1:
             raise ValueError(f"{self.name}: filters must be >= 1, got {filters}")
@@ -103,8 +110,9 @@ class BottleneckBlock(_Block):
 class MBConvBlock(_Block):
     """Inverted bottleneck with squeeze-excite (SpineNet-Mobile); output width `filters`."""
 
-    def __init__(self, filters, in_filters: int, expand_ratio: int = 6, se_ratio: float = 0.2,
-                 **kwargs):
+    def __init__(
+        self, filters, in_filters: int, expand_ratio: int = 6, se_ratio: float = 0.2, **kwargs
+    ):
         super().__init__(filters, **kwargs)
         if in_filters < 1 or expand_ratio < 1:
             raise ValueError(

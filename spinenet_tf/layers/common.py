@@ -66,30 +66,50 @@ class ConvSettings:
 
     def _regularizer(self):
         reg = self.kernel_regularizer
-        return None if reg is None else keras.regularizers.get(
-            dict(reg) if isinstance(reg, dict) else reg
+        return (
+            None
+            if reg is None
+            else keras.regularizers.get(dict(reg) if isinstance(reg, dict) else reg)
         )
 
-    def conv(self, filters: int, kernel_size: int, strides: int = 1, use_bias: bool = False,
-             name: str | None = None) -> keras.layers.Conv2D:
+    def conv(
+        self,
+        filters: int,
+        kernel_size: int,
+        strides: int = 1,
+        use_bias: bool = False,
+        name: str | None = None,
+    ) -> keras.layers.Conv2D:
         return keras.layers.Conv2D(
-            filters, kernel_size, strides=strides, padding="same", use_bias=use_bias,
-            kernel_initializer=self._initializer(), kernel_regularizer=self._regularizer(),
+            filters,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            use_bias=use_bias,
+            kernel_initializer=self._initializer(),
+            kernel_regularizer=self._regularizer(),
             name=name,
         )
 
-    def depthwise_conv(self, kernel_size: int, strides: int = 1,
-                       name: str | None = None) -> keras.layers.DepthwiseConv2D:
+    def depthwise_conv(
+        self, kernel_size: int, strides: int = 1, name: str | None = None
+    ) -> keras.layers.DepthwiseConv2D:
         # As in Model Garden, depthwise kernels are not regularised.
         return keras.layers.DepthwiseConv2D(
-            kernel_size, strides=strides, padding="same", use_bias=False,
-            depthwise_initializer=self._initializer(), name=name,
+            kernel_size,
+            strides=strides,
+            padding="same",
+            use_bias=False,
+            depthwise_initializer=self._initializer(),
+            name=name,
         )
 
     def norm(self, name: str | None = None) -> keras.layers.BatchNormalization:
         return keras.layers.BatchNormalization(
-            momentum=self.norm_momentum, epsilon=self.norm_epsilon,
-            synchronized=self.use_sync_bn, name=name,
+            momentum=self.norm_momentum,
+            epsilon=self.norm_epsilon,
+            synchronized=self.use_sync_bn,
+            name=name,
         )
 
 

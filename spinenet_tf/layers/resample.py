@@ -15,9 +15,15 @@ class _Resample(keras.layers.Layer):
     upsampling, so any input size works, not only multiples of 2**max_level.
     """
 
-    def __init__(self, input_level: int, target_level: int, output_filters: int,
-                 activation: str = "relu", settings: ConvSettings | dict | None = None,
-                 **kwargs):
+    def __init__(
+        self,
+        input_level: int,
+        target_level: int,
+        output_filters: int,
+        activation: str = "relu",
+        settings: ConvSettings | dict | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.input_level = int(input_level)
         self.target_level = int(target_level)
@@ -100,14 +106,16 @@ class MobileResample(_Resample):
         # One list in call order (conv, bn, conv, bn, ...): variables are listed in this order.
         self.down_layers = []
         for i in range(steps):
-            self.down_layers += [s.depthwise_conv(3, 2, name=f"down{i}_depthwise"),
-                                 s.norm(f"down{i}_bn")]
+            self.down_layers += [
+                s.depthwise_conv(3, 2, name=f"down{i}_depthwise"),
+                s.norm(f"down{i}_bn"),
+            ]
         self.expand_conv = s.conv(self.output_filters, 1, name="expand_conv")
         self.expand_bn = s.norm("expand_bn")
 
     def call(self, inputs, training=None):
         x, image = inputs
-        for conv, bn in zip(self.down_layers[::2], self.down_layers[1::2]):
+        for conv, bn in zip(self.down_layers[::2], self.down_layers[1::2], strict=True):
             x = self.act(bn(conv(x), training=training))
         if self.target_level < self.input_level:
             x = self._upsample(x, image)
@@ -123,8 +131,14 @@ class Fusion(keras.layers.Layer):
     fast normalised fusion). Model Garden accepts this option but never builds the weights.
     """
 
-    def __init__(self, num_inputs: int, weighted: bool = False, activation: str = "relu",
-                 epsilon: float = 1e-4, **kwargs):
+    def __init__(
+        self,
+        num_inputs: int,
+        weighted: bool = False,
+        activation: str = "relu",
+        epsilon: float = 1e-4,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if num_inputs < 1:
             raise ValueError(f"{self.name}: num_inputs must be >= 1, got {num_inputs}")

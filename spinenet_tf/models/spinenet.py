@@ -111,7 +111,8 @@ class SpineNet(keras.Model):
         config = {
             name: value
             for name, value in locals().items()
-            if name in inspect.signature(SpineNet.__init__).parameters and name != "kwargs"
+            if name in inspect.signature(SpineNet.__init__).parameters
+            and name != "kwargs"
             and name != "self"
         }
         config["block_specs"] = [s.to_list() for s in specs]
@@ -167,8 +168,9 @@ class _Builder:
         x = self._apply(self.settings.conv(filters, kernel_size, strides, name=f"{prefix}_conv"), x)
         x = self._apply(self.settings.norm(f"{prefix}_bn"), x)
         if act:
-            x = keras.layers.Activation(get_activation(self.c["activation"]),
-                                        name=f"{prefix}_act")(x)
+            x = keras.layers.Activation(get_activation(self.c["activation"]), name=f"{prefix}_act")(
+                x
+            )
         return x
 
     def _block_group(self, x, name, block_fn, filters, in_channels, strides, sd_rate):
@@ -182,8 +184,11 @@ class _Builder:
             )
             if block_fn == "mbconv":
                 block = BLOCKS[block_fn](
-                    filters, in_filters=in_channels if r == 0 else filters,
-                    expand_ratio=self.c["expand_ratio"], se_ratio=self.c["se_ratio"], **common
+                    filters,
+                    in_filters=in_channels if r == 0 else filters,
+                    expand_ratio=self.c["expand_ratio"],
+                    se_ratio=self.c["se_ratio"],
+                    **common,
                 )
             else:
                 out = block_output_channels(block_fn, filters)
@@ -198,8 +203,9 @@ class _Builder:
             nodes, channels = [], self._filters(0)
             for k, strides in enumerate((1, 2)):
                 filters = self._filters(k + 1)
-                x = self._block_group(x, f"init_block{k}", "mbconv", filters, channels, strides,
-                                      0.0)
+                x = self._block_group(
+                    x, f"init_block{k}", "mbconv", filters, channels, strides, 0.0
+                )
                 nodes.append(_Node(x, k + 1, "mbconv", filters))
                 channels = filters
             return nodes
@@ -240,13 +246,19 @@ class _Builder:
                 # Blocks nothing consumed are summed into the output block of their level and
                 # width (paper Sec. 3.2).
                 for node in nodes:
-                    if node.out_degree == 0 and node.level == spec.level and (
-                        node.channels == out_channels
+                    if (
+                        node.out_degree == 0
+                        and node.level == spec.level
+                        and (node.channels == out_channels)
                     ):
                         parents.append(node.tensor)
                         node.out_degree += 1
-            fusion = Fusion(len(parents), weighted=self.c["weighted_fusion"],
-                            activation=self.c["activation"], name=f"block{i}_fusion")
+            fusion = Fusion(
+                len(parents),
+                weighted=self.c["weighted_fusion"],
+                activation=self.c["activation"],
+                name=f"block{i}_fusion",
+            )
             x = self._apply(fusion, parents)
             sd_rate = self.c["init_stochastic_depth_rate"] * (i + 1) / n
             x = self._block_group(x, f"block{i}", spec.block_fn, filters, out_channels, 1, sd_rate)
@@ -272,8 +284,7 @@ def build_backbone(model_id: str, input_shape=(None, None, 3), **overrides) -> S
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(
-            f"unknown override(s) {unknown} for build_backbone; expected some of "
-            f"{sorted(allowed)}"
+            f"unknown override(s) {unknown} for build_backbone; expected some of {sorted(allowed)}"
         )
     kwargs = dict(
         family=scaling.family,

@@ -22,12 +22,6 @@ from absl import app, flags  # noqa: E402
 from spinenet_tf import specs  # noqa: E402
 from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
 
-# The input sizes of the paper's detection results (Table 3) and SpineNet-Mobile's.
-PAPER_IMAGE_SIZES = {
-    "49S": 640, "49": 640, "96": 1024, "143": 1280, "143L": 1280, "190": 1280,
-    "mobile-49XS": 256, "mobile-49S": 384, "mobile-49": 384,
-}
-
 
 def count_parameters(model, trainable_only: bool = True) -> int:
     weights = model.trainable_weights if trainable_only else model.weights
@@ -83,9 +77,13 @@ def format_table(rows: list[dict]) -> str:
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("model_id", None, f"Model ids, of {', '.join(specs.MODEL_IDS)}.")
-flags.DEFINE_string("image_size", None, "N or HxW; default: the paper's size for the model.")
-flags.DEFINE_bool("all", False, "Summarise every model id at its paper image size.")
+
+
+def define_flags():
+    # Defined only when run as a program, so importing this module defines no flags.
+    flags.DEFINE_multi_string("model_id", None, f"Model ids, of {', '.join(specs.MODEL_IDS)}.")
+    flags.DEFINE_string("image_size", None, "N or HxW; default: the paper's size for the model.")
+    flags.DEFINE_bool("all", False, "Summarise every model id at its paper image size.")
 
 
 def main(argv):
@@ -96,12 +94,16 @@ def main(argv):
     rows = []
     for model_id in model_ids:
         specs.get_scaling(model_id)
-        hw = (parse_image_size(FLAGS.image_size) if FLAGS.image_size
-              else (PAPER_IMAGE_SIZES[model_id],) * 2)
+        hw = (
+            parse_image_size(FLAGS.image_size)
+            if FLAGS.image_size
+            else (specs.PAPER_IMAGE_SIZES[model_id],) * 2
+        )
         rows.append(summarize(model_id, hw))
         print(f"summarised {model_id}", file=sys.stderr, flush=True)
     print(format_table(rows))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -1,3 +1,7 @@
+import subprocess
+import sys
+import textwrap
+
 import keras
 import numpy as np
 import pytest
@@ -87,7 +91,9 @@ def test_user_block_specs_build_and_invalid_ones_are_rejected():
     )
     out = model(np.zeros((1, 96, 96, 3), "float32"))
     assert [tuple(out[k].shape) for k in sorted(out)] == [
-        (1, 12, 12, 16), (1, 6, 6, 16), (1, 3, 3, 16)
+        (1, 12, 12, 16),
+        (1, 6, 6, 16),
+        (1, 3, 3, 16),
     ]
     bad = CUSTOM_SPECS[:2] + [(4, "bottleneck", (2, 9), True)]
     with pytest.raises(ValueError, match="block spec 2 .*input offset 9 does not exist yet"):
@@ -102,9 +108,16 @@ def _assert_same_outputs(a, b, x):
 
 def test_config_round_trip_keeps_block_specs_and_every_argument():
     model = spinenet_tf.build_backbone(
-        "49S", block_specs=CUSTOM_SPECS, min_level=3, max_level=5, activation="relu",
-        weighted_fusion=True, init_stochastic_depth_rate=0.1,
-        kernel_regularizer=keras.regularizers.L2(4e-5), norm_epsilon=1e-4, **TINY,
+        "49S",
+        block_specs=CUSTOM_SPECS,
+        min_level=3,
+        max_level=5,
+        activation="relu",
+        weighted_fusion=True,
+        init_stochastic_depth_rate=0.1,
+        kernel_regularizer=keras.regularizers.L2(4e-5),
+        norm_epsilon=1e-4,
+        **TINY,
     )
     config = model.get_config()
     assert config["block_specs"] == [list(s[:2]) + [list(s[2]), s[3]] for s in CUSTOM_SPECS]
@@ -148,8 +161,11 @@ def _train_step_fn(model, optimizer):
 def test_mixed_bfloat16_train_step_compiles_with_xla(model_id, tiny):
     keras.config.set_dtype_policy("mixed_bfloat16")
     model = spinenet_tf.build_backbone(
-        model_id, weighted_fusion=True, init_stochastic_depth_rate=0.2,
-        kernel_regularizer=keras.regularizers.L2(4e-5), **tiny,
+        model_id,
+        weighted_fusion=True,
+        init_stochastic_depth_rate=0.2,
+        kernel_regularizer=keras.regularizers.L2(4e-5),
+        **tiny,
     )
     assert all(v.dtype == "float32" for v in model.weights)
     out = model(np.zeros((1, 64, 64, 3), "float32"))
@@ -163,7 +179,7 @@ def test_mixed_bfloat16_train_step_compiles_with_xla(model_id, tiny):
     losses = [float(step(images)) for _ in range(2)]
     assert np.all(np.isfinite(losses))
     # The fusion weights are trained, not dead parameters.
-    assert any(not np.allclose(b, np.array(v)) for b, v in zip(before, fusion))
+    assert any(not np.allclose(b, np.array(v)) for b, v in zip(before, fusion, strict=True))
 
 
 def test_stochastic_depth_rate_rises_with_block_index():
@@ -176,33 +192,37 @@ def test_sync_batch_norm_under_mirrored_strategy(tmp_path):
     # Logical devices must be set before TensorFlow starts, so this runs in its own process.
     script = tmp_path / "sync_bn.py"
     script.write_text(
-        "import tensorflow as tf\n"
-        "cpu = tf.config.list_physical_devices('CPU')[0]\n"
-        "tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)\n"
-        "import keras, spinenet_tf\n"
-        "strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])\n"
-        "with strategy.scope():\n"
-        "    model = spinenet_tf.build_backbone('49S', use_sync_bn=True, filter_size_scale=0.25,"
-        " endpoints_num_filters=16)\n"
-        "    optimizer = keras.optimizers.SGD(0.01)\n"
-        "    optimizer.build(model.trainable_variables)\n"
-        "bn = model.get_layer('P3_bn')\n"
-        "assert bn.synchronized\n"
-        "def step(x):\n"
-        "    with tf.GradientTape() as tape:\n"
-        "        out = model(x, training=True)\n"
-        "        loss = tf.add_n([tf.reduce_mean(v) for v in out.values()])\n"
-        "    grads = tape.gradient(loss, model.trainable_variables)\n"
-        "    optimizer.apply(grads, model.trainable_variables)\n"
-        "    return loss\n"
-        "ds = tf.data.Dataset.from_tensors(tf.random.uniform((4, 64, 64, 3))).repeat(2)\n"
-        "for x in strategy.experimental_distribute_dataset(ds):\n"
-        "    strategy.run(tf.function(step), args=(x,))\n"
-        "print('moving_mean', float(tf.reduce_sum(tf.abs(bn.moving_mean))))\n"
-    )
-    import subprocess
-    import sys
+        textwrap.dedent(f"""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, spinenet_tf
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = spinenet_tf.build_backbone(
+                "49S", use_sync_bn=True, filter_size_scale=0.25, endpoints_num_filters=16,
+                min_level=3, max_level=5, block_specs={CUSTOM_SPECS!r})
+            optimizer = keras.optimizers.SGD(0.01)
+            optimizer.build(model.trainable_variables)
+        bn = model.get_layer("P3_bn")
+        assert bn.synchronized
 
+        def step(x):
+            with tf.GradientTape() as tape:
+                out = model(x, training=True)
+                loss = tf.add_n([tf.reduce_mean(v) for v in out.values()])
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply(grads, model.trainable_variables)
+            return loss
+
+        distributed_step = tf.function(lambda x: strategy.run(step, args=(x,)))
+        ds = tf.data.Dataset.from_tensors(tf.random.uniform((4, 64, 64, 3))).repeat(2)
+        for x in strategy.experimental_distribute_dataset(ds):
+            distributed_step(x)
+        print("moving_mean", float(tf.reduce_sum(tf.abs(bn.moving_mean))))
+        """)
+    )
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=300
     )
