@@ -106,21 +106,26 @@ class Scaling:
     resample_alpha: float
     block_repeats: int
     activation: str
+    # RetinaNet head and anchors (Model Garden's SpineNet COCO configs; paper Sec. 5.1).
+    head_num_convs: int = 4
+    head_num_filters: int = 256
+    head_separable: bool = False
+    anchor_size: float = 3.0
 
 
 # Activations follow the paper's protocol C and Model Garden's SpineNet COCO configs.
 SCALINGS: dict[str, Scaling] = {
     s.model_id: s
     for s in [
-        Scaling("49S", "spinenet", 128, 0.65, 0.5, 1, "swish"),
-        Scaling("49", "spinenet", 256, 1.0, 0.5, 1, "swish"),
-        Scaling("96", "spinenet", 256, 1.0, 0.5, 2, "swish"),
-        Scaling("143", "spinenet", 256, 1.0, 1.0, 3, "swish"),
-        Scaling("143L", "spinenet", 256, 1.3, 1.0, 3, "swish"),
-        Scaling("190", "spinenet", 512, 1.3, 1.0, 4, "swish"),
-        Scaling("mobile-49XS", "mobile", 24, 0.6, 1.0, 1, "swish"),
-        Scaling("mobile-49S", "mobile", 40, 0.65, 1.0, 1, "swish"),
-        Scaling("mobile-49", "mobile", 48, 1.0, 1.0, 1, "swish"),
+        Scaling("49S", "spinenet", 128, 0.65, 0.5, 1, "swish", 4, 128, False, 3.0),
+        Scaling("49", "spinenet", 256, 1.0, 0.5, 1, "swish", 4, 256, False, 3.0),
+        Scaling("96", "spinenet", 256, 1.0, 0.5, 2, "swish", 4, 256, False, 3.0),
+        Scaling("143", "spinenet", 256, 1.0, 1.0, 3, "swish", 4, 256, False, 4.0),
+        Scaling("143L", "spinenet", 256, 1.3, 1.0, 3, "swish", 4, 256, False, 4.0),
+        Scaling("190", "spinenet", 512, 1.3, 1.0, 4, "swish", 7, 512, False, 4.0),
+        Scaling("mobile-49XS", "mobile", 24, 0.6, 1.0, 1, "swish", 4, 24, True, 3.0),
+        Scaling("mobile-49S", "mobile", 40, 0.65, 1.0, 1, "swish", 4, 40, True, 3.0),
+        Scaling("mobile-49", "mobile", 48, 1.0, 1.0, 1, "swish", 4, 48, True, 3.0),
     ]
 }
 MODEL_IDS = tuple(SCALINGS)

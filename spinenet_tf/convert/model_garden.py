@@ -19,6 +19,7 @@ _CONVERTED_NAMES = {
     "kernel",
     "bias",
     "depthwise_kernel",
+    "pointwise_kernel",
     "gamma",
     "beta",
     "moving_mean",
@@ -45,17 +46,20 @@ def model_garden_variables(model) -> list:
     return sorted(model.variables, key=_creation_index)
 
 
+def _converted(layers) -> list:
+    return [
+        w
+        for layer in layers
+        for w in layer.weights
+        if w.path.rsplit("/", 1)[-1] in _CONVERTED_NAMES
+    ]
+
+
 def spinenet_variables(model: SpineNet) -> list:
     """Our backbone's conv and batch-norm variables in forward-pass order."""
     in_model = {layer.name for layer in model.layers}
-    out = []
-    for name in model.call_order:
-        if name not in in_model:  # blocks pruned because no output depends on them
-            continue
-        for w in model.get_layer(name).weights:
-            if w.path.rsplit("/", 1)[-1] in _CONVERTED_NAMES:
-                out.append(w)
-    return out
+    # Blocks no output depends on are pruned from the model and skipped.
+    return _converted(model.get_layer(n) for n in model.call_order if n in in_model)
 
 
 def _backbone_of(model):
@@ -63,23 +67,13 @@ def _backbone_of(model):
     return getattr(model, "backbone", model)
 
 
-def from_model_garden(source, target: SpineNet) -> SpineNet:
-    """Copies the weights of a Model Garden SpineNet (or a detector holding one) into `target`.
-
-    Raises ValueError naming the first variable whose shape differs, or when the two models
-    have different numbers of variables.
-    """
-    source = _backbone_of(source)
-    if not isinstance(target, SpineNet):
-        raise TypeError(f"target must be a spinenet_tf SpineNet, got {type(target).__name__}")
-    src_vars = model_garden_variables(source)
-    dst_vars = spinenet_variables(target)
+def _copy(src_vars, dst_vars, what: str):
     for i, (src, dst) in enumerate(zip(src_vars, dst_vars, strict=False)):
         if tuple(src.shape) != tuple(dst.shape):
             raise ValueError(
-                f"variable {i}: ours {dst.path!r} has shape {tuple(dst.shape)} but Model "
+                f"{what} variable {i}: ours {dst.path!r} has shape {tuple(dst.shape)} but Model "
                 f"Garden's {src.name!r} has shape {tuple(src.shape)}; the two models are "
-                "built with different settings (model_id, min/max level, block specs)"
+                "built with different settings (model_id, min/max level, block specs, head)"
             )
     if len(src_vars) != len(dst_vars):
         extra = (
@@ -88,11 +82,40 @@ def from_model_garden(source, target: SpineNet) -> SpineNet:
             else dst_vars[len(src_vars)].path
         )
         raise ValueError(
-            f"Model Garden's model has {len(src_vars)} variables and ours {len(dst_vars)}; "
+            f"{what}: Model Garden's has {len(src_vars)} variables and ours {len(dst_vars)}; "
             f"the first unpaired one is {extra!r}"
         )
     for src, dst in zip(src_vars, dst_vars, strict=True):
         dst.assign(np.asarray(src.numpy(), dtype=dst.dtype))
+
+
+def from_model_garden(source, target):
+    """Copies the weights of a Model Garden model into ours and returns `target`.
+
+    `target` is a SpineNet backbone (then `source` is a Model Garden SpineNet /
+    SpineNetMobile, or a detector holding one) or a RetinaNet (then `source` is a Model
+    Garden RetinaNetModel). Raises ValueError naming the first variable whose shape differs,
+    or when the two have different numbers of variables.
+    """
+    from spinenet_tf.models.retinanet import RetinaNet
+
+    if isinstance(target, RetinaNet):
+        if not hasattr(source, "head"):
+            raise TypeError(
+                f"a RetinaNet needs a Model Garden RetinaNetModel, got {type(source).__name__}"
+            )
+        _copy(
+            model_garden_variables(source.backbone), spinenet_variables(target.backbone), "backbone"
+        )
+        _copy(
+            model_garden_variables(source.head), _converted(target.head.call_order_layers()), "head"
+        )
+        return target
+    if not isinstance(target, SpineNet):
+        raise TypeError(
+            f"target must be a spinenet_tf SpineNet or RetinaNet, got {type(target).__name__}"
+        )
+    _copy(model_garden_variables(_backbone_of(source)), spinenet_variables(target), "backbone")
     return target
 
 
@@ -133,3 +156,56 @@ def build_model_garden_backbone(
     return mg_factory.build_backbone(
         input_specs=input_specs, backbone_config=config, norm_activation_config=norm
     )
+
+
+def build_model_garden_retinanet(
+    model_id: str,
+    num_classes: int,
+    image_size: int,
+    head_num_convs: int | None = None,
+    head_num_filters: int | None = None,
+    **detection,
+):
+    """Model Garden's RetinaNet for one of our model ids, configured like ours.
+
+    `detection` overrides fields of Model Garden's DetectionGenerator config
+    (pre_nms_top_k, pre_nms_score_threshold, nms_iou_threshold, max_num_detections, ...).
+    """
+    import tf_keras
+    from official.vision.configs import backbones as mg_backbones
+    from official.vision.configs import common as mg_common
+    from official.vision.configs import decoders as mg_decoders
+    from official.vision.configs import retinanet as mg_retinanet
+    from official.vision.modeling import factory as mg_factory
+
+    scaling = specs_lib.get_scaling(model_id)
+    if scaling.family == "mobile":
+        backbone = mg_backbones.Backbone(
+            type="spinenet_mobile",
+            spinenet_mobile=mg_backbones.SpineNetMobile(model_id=model_id.split("-", 1)[1]),
+        )
+    else:
+        backbone = mg_backbones.Backbone(
+            type="spinenet", spinenet=mg_backbones.SpineNet(model_id=model_id)
+        )
+    config = mg_retinanet.RetinaNet(
+        num_classes=num_classes,
+        input_size=[image_size, image_size, 3],
+        anchor=mg_retinanet.Anchor(
+            num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=scaling.anchor_size
+        ),
+        backbone=backbone,
+        decoder=mg_decoders.Decoder(type="identity"),
+        head=mg_retinanet.RetinaNetHead(
+            num_convs=head_num_convs or scaling.head_num_convs,
+            num_filters=head_num_filters or scaling.head_num_filters,
+            use_separable_conv=scaling.head_separable,
+        ),
+        detection_generator=mg_retinanet.DetectionGenerator(**detection),
+        norm_activation=mg_common.NormActivation(activation=scaling.activation),
+    )
+    input_specs = tf_keras.layers.InputSpec(shape=[None, image_size, image_size, 3])
+    model = mg_factory.build_retinanet(input_specs, config)
+    # The head creates its variables on the first call, in forward order.
+    model(np.zeros([1, image_size, image_size, 3], np.float32), training=False)
+    return model

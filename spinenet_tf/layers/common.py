@@ -8,6 +8,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from spinenet_tf.layers.norm import BatchNorm
+
 ACTIVATIONS = ("relu", "swish")
 
 
@@ -105,7 +107,7 @@ class ConvSettings:
         )
 
     def norm(self, name: str | None = None) -> keras.layers.BatchNormalization:
-        return keras.layers.BatchNormalization(
+        return BatchNorm(
             momentum=self.norm_momentum,
             epsilon=self.norm_epsilon,
             synchronized=self.use_sync_bn,

@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from spinenet_tf import specs  # noqa: E402
+from spinenet_tf.layers.norm import unfused_batch_norm  # noqa: E402
 from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
 
 
@@ -32,7 +33,10 @@ def count_multiply_adds(model, image_hw: tuple[int, int], channels: int = 3) -> 
     """Profiler float operations / 2 of one forward pass in inference mode at batch 1."""
     spec = tf.TensorSpec([1, *image_hw, channels], tf.float32)
     fn = tf.function(lambda x: model(x, training=False))
-    graph = fn.get_concrete_function(spec).graph
+    # TF's profiler counts the elementwise ops of an unfused batch norm but nothing for the
+    # fused kernel; Model Garden's figures include them, so count the same graph.
+    with unfused_batch_norm():
+        graph = fn.get_concrete_function(spec).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     profile = tf.compat.v1.profiler.profile(

@@ -105,3 +105,45 @@ def test_weighted_fusion_normalises_non_negative_weights():
     assert not plain.weights
     with pytest.raises(ValueError, match="expected 3 inputs, got 2"):
         layers.Fusion(3)(parts[:2])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "mixed_bfloat16"])
+def test_fused_batch_norm_matches_keras_batch_norm(dtype):
+    keras.config.set_dtype_policy(dtype)
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 5, 6, 8)).astype("float32")
+    ours, ref = layers.BatchNorm(momentum=0.9), keras.layers.BatchNormalization(momentum=0.9)
+    ours.build(x.shape)
+    ref.build(x.shape)
+    rng = np.random.default_rng(1)
+    weights = [
+        rng.uniform(0.5, 1.5, 8),
+        rng.normal(size=8),
+        rng.normal(size=8),
+        rng.uniform(0.5, 2.0, 8),
+    ]
+    ours.set_weights(weights)
+    ref.set_weights(weights)
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    np.testing.assert_allclose(ours(x, training=False), ref(x, training=False), rtol=tol, atol=tol)
+    np.testing.assert_allclose(ours(x, training=True), ref(x, training=True), rtol=tol, atol=tol)
+    # Moving statistics follow Keras's update, biased batch variance included.
+    for a, b in zip(ours.get_weights(), ref.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4 if dtype == "float32" else 2e-2, atol=1e-5)
+
+
+def test_fused_batch_norm_trains_under_xla_and_falls_back_when_it_must():
+    bn = layers.BatchNorm()
+    bn.build((2, 4, 4, 3))
+
+    @tf.function(jit_compile=True)
+    def grads(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(bn(x, training=True) ** 3)
+        return tape.gradient(loss, bn.trainable_variables)
+
+    g = grads(tf.random.normal((2, 4, 4, 3)))
+    assert all(np.all(np.isfinite(v)) for v in g)
+    # 2-D inputs and tiny epsilons are outside the fused kernel's domain.
+    assert tuple(layers.BatchNorm()(np.ones((3, 5), "float32")).shape) == (3, 5)
+    y = layers.BatchNorm(epsilon=1e-6)(np.ones((1, 2, 2, 3), "float32"), training=True)
+    np.testing.assert_allclose(y, 0.0, atol=1e-6)

@@ -1,0 +1,1 @@
+"""Stateless TensorFlow ops: anchors, box coding, target assignment, detection decoding."""

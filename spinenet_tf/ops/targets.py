@@ -1,0 +1,130 @@
+"""RetinaNet anchor matching, regression targets and losses (Lin et al. 2017, Sec. 4)."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from spinenet_tf.ops.boxes import encode_boxes, pairwise_iou
+
+# Class id 0 is background; padded ground-truth rows carry class -1.
+BACKGROUND = 0
+PADDING = -1
+
+
+def build_targets(
+    anchors,
+    gt_boxes,
+    gt_classes,
+    is_crowd=None,
+    match_iou: float = 0.5,
+    unmatched_iou: float = 0.4,
+    force_match: bool = True,
+) -> dict:
+    """Matches anchors to ground truth.
+
+    Args:
+        anchors: [N, 4] (ymin, xmin, ymax, xmax) in pixels.
+        gt_boxes: [..., M, 4] in the same frame; rows of class PADDING are ignored.
+        gt_classes: [..., M] int class ids (>= 1), PADDING for padding.
+        is_crowd: optional [..., M] bool; anchors overlapping a crowd box by at least
+            `unmatched_iou` are ignored, never negatives, and crowd boxes are never matched.
+        match_iou: IoU at or above which an anchor is positive.
+        unmatched_iou: IoU below which an anchor is negative; in between it is ignored.
+        force_match: also make each box's best anchor positive, so small or oddly shaped
+            boxes get a positive anchor (Model Garden's force_match_for_each_col).
+
+    Returns:
+        cls_targets [..., N] int (0 for background), box_targets [..., N, 4] (zero where not
+        positive), cls_weights [..., N] (1 for positives and negatives, 0 for ignored) and
+        box_weights [..., N] (1 for positives).
+    """
+    if unmatched_iou > match_iou:
+        raise ValueError(f"unmatched_iou {unmatched_iou} must be <= match_iou {match_iou}")
+    anchors = tf.convert_to_tensor(anchors, tf.float32)
+    gt_boxes = tf.cast(gt_boxes, tf.float32)
+    gt_classes = tf.cast(gt_classes, tf.int32)
+    valid = gt_classes > BACKGROUND
+    crowd = tf.zeros_like(valid) if is_crowd is None else tf.cast(is_crowd, tf.bool)
+    matchable = valid & ~crowd
+
+    iou = pairwise_iou(anchors, gt_boxes)  # [..., N, M]
+    iou_match = tf.where(matchable[..., None, :], iou, -1.0)
+    best_iou = tf.reduce_max(iou_match, axis=-1)
+    best_gt = tf.argmax(iou_match, axis=-1, output_type=tf.int32)
+    positive = best_iou >= match_iou
+    if force_match:
+        num_anchors = tf.shape(anchors)[0]
+        best_anchor = tf.argmax(iou_match, axis=-2, output_type=tf.int32)  # [..., M]
+        has_overlap = tf.reduce_max(iou_match, axis=-2) > 0.0
+        # [..., N, M]: True at each matchable box's best anchor.
+        forced = tf.one_hot(
+            best_anchor,
+            num_anchors,
+            on_value=True,
+            off_value=False,
+            axis=len(best_anchor.shape) - 1,
+        )
+        forced &= (matchable & has_overlap)[..., None, :]
+        forced_gt = tf.argmax(tf.where(forced, iou, -1.0), axis=-1, output_type=tf.int32)
+        forced_any = tf.reduce_any(forced, axis=-1)
+        best_gt = tf.where(forced_any & ~positive, forced_gt, best_gt)
+        positive |= forced_any
+    negative = (best_iou < unmatched_iou) & ~positive
+    if is_crowd is not None:
+        crowd_iou = tf.reduce_max(tf.where((valid & crowd)[..., None, :], iou, 0.0), axis=-1)
+        negative &= crowd_iou < unmatched_iou
+
+    batch_dims = len(gt_classes.shape) - 1
+    matched_classes = tf.gather(gt_classes, best_gt, batch_dims=batch_dims)
+    matched_boxes = tf.gather(gt_boxes, best_gt, batch_dims=batch_dims)
+    positive_f = tf.cast(positive, tf.float32)
+    return {
+        "cls_targets": tf.where(positive, matched_classes, BACKGROUND),
+        "box_targets": encode_boxes(matched_boxes, anchors) * positive_f[..., None],
+        "cls_weights": tf.cast(positive | negative, tf.float32),
+        "box_weights": positive_f,
+    }
+
+
+def retinanet_losses(
+    class_logits,
+    box_deltas,
+    targets: dict,
+    alpha: float = 0.25,
+    gamma: float = 1.5,
+    huber_delta: float = 0.1,
+    box_loss_weight: float = 50.0,
+) -> dict:
+    """Focal loss + weighted Huber loss, each summed and divided by (positives + 1).
+
+    class_logits [B, N, K], box_deltas [B, N, 4]. Channel 0 (background) is left out of the
+    focal loss: as in the paper, a negative anchor is one whose K - 1 class probabilities
+    are all pushed to zero. (Model Garden one-hot-trains channel 0 as a class instead; the
+    channel is kept so weights and parameter counts stay interchangeable.)
+    """
+    class_logits = tf.cast(class_logits, tf.float32)[..., 1:]
+    box_deltas = tf.cast(box_deltas, tf.float32)
+    num_classes = class_logits.shape[-1]
+    num_positives = tf.reduce_sum(targets["box_weights"]) + 1.0
+    labels = tf.one_hot(targets["cls_targets"] - 1, num_classes)  # background -> all zeros
+    # Keras averages over the class axis; the focal loss sums over it.
+    focal = (
+        keras.losses.binary_focal_crossentropy(
+            labels,
+            class_logits,
+            apply_class_balancing=True,
+            alpha=alpha,
+            gamma=gamma,
+            from_logits=True,
+        )
+        * num_classes
+    )
+    huber = keras.losses.huber(targets["box_targets"], box_deltas, delta=huber_delta)
+    cls_loss = tf.reduce_sum(focal * targets["cls_weights"]) / num_positives
+    box_loss = tf.reduce_sum(huber * targets["box_weights"]) / num_positives
+    return {
+        "cls_loss": cls_loss,
+        "box_loss": box_loss,
+        "total_loss": cls_loss + box_loss_weight * box_loss,
+    }
