@@ -29,6 +29,7 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py
+	$(PY) benchmarks/retinanet.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,8 +1,18 @@
 """spinenet_tf: SpineNet (Du et al., CVPR 2020) in TensorFlow 2 / Keras 3."""
 
+from spinenet_tf.models.retinanet import RetinaNet, build_retinanet
 from spinenet_tf.models.spinenet import SpineNet, build_backbone
 from spinenet_tf.specs import MODEL_IDS, BlockSpec, get_scaling
 
 __version__ = "0.1.0"
 
-__all__ = ["MODEL_IDS", "BlockSpec", "SpineNet", "build_backbone", "get_scaling", "__version__"]
+__all__ = [
+    "MODEL_IDS",
+    "BlockSpec",
+    "RetinaNet",
+    "SpineNet",
+    "build_backbone",
+    "build_retinanet",
+    "get_scaling",
+    "__version__",
+]

@@ -1,5 +1,7 @@
 """SpineNet models."""
 
+from spinenet_tf.models.heads import RetinaNetHead
+from spinenet_tf.models.retinanet import RetinaNet, build_retinanet
 from spinenet_tf.models.spinenet import SpineNet, build_backbone
 
-__all__ = ["SpineNet", "build_backbone"]
+__all__ = ["RetinaNet", "RetinaNetHead", "SpineNet", "build_backbone", "build_retinanet"]

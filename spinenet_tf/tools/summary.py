@@ -1,10 +1,10 @@
-"""Parameters and multiply-adds of SpineNet models.
+"""Parameters and multiply-adds of SpineNet backbones and RetinaNet-SpineNet (91 classes).
 
     python -m spinenet_tf.tools.summary --model_id=49 --image_size=640
     python -m spinenet_tf.tools.summary --all
 
-Multiply-adds are TF profiler float operations / 2 on the inference graph at batch 1, the way
-Model Garden reports its FLOPs, so the two are comparable.
+Multiply-adds are TF profiler float operations / 2 on the inference graph at batch 1 (for
+RetinaNet, the network without box decoding), the way Model Garden reports its FLOPs.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from absl import app, flags  # noqa: E402
 
 from spinenet_tf import specs  # noqa: E402
 from spinenet_tf.layers.norm import unfused_batch_norm  # noqa: E402
+from spinenet_tf.models.retinanet import build_retinanet  # noqa: E402
 from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
 
 
@@ -56,26 +57,31 @@ def parse_image_size(value: str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
-def summarize(model_id: str, image_hw: tuple[int, int]) -> dict:
-    model = build_backbone(model_id, input_shape=(*image_hw, 3))
+def summarize(model_id: str, image_hw: tuple[int, int], num_classes: int = 91) -> dict:
+    backbone = build_backbone(model_id, input_shape=(*image_hw, 3))
+    detector = build_retinanet(model_id, num_classes, image_hw)
     return {
         "model_id": model_id,
         "image_size": f"{image_hw[0]}x{image_hw[1]}",
-        "params": count_parameters(model),
-        "all_variables": count_parameters(model, trainable_only=False),
-        "gmacs": count_multiply_adds(model, image_hw) / 1e9,
+        "params": count_parameters(backbone),
+        "all_variables": count_parameters(backbone, trainable_only=False),
+        "gmacs": count_multiply_adds(backbone, image_hw) / 1e9,
+        "retinanet_params": count_parameters(detector),
+        "retinanet_gmacs": count_multiply_adds(detector, image_hw) / 1e9,
     }
 
 
 def format_table(rows: list[dict]) -> str:
     lines = [
-        "| model_id | image size | trainable params | all variables | backbone GMACs |",
-        "|---|---|---|---|---|",
+        "| model_id | image size | backbone params | backbone variables | backbone GMACs | "
+        "RetinaNet params | RetinaNet GMACs |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model_id']} | {r['image_size']} | {r['params']:,} | "
-            f"{r['all_variables']:,} | {r['gmacs']:.3f} |"
+            f"{r['all_variables']:,} | {r['gmacs']:.3f} | {r['retinanet_params']:,} | "
+            f"{r['retinanet_gmacs']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -27,6 +27,16 @@ def test_multiply_adds_of_49_at_640():
     assert abs(macs - 28_500_067_461) / 28_500_067_461 < 1e-6
 
 
+def test_retinanet_multiply_adds_within_1_percent_of_model_garden():
+    # Model Garden 2.20's figures (../shared/REFERENCE.md): 49S@640 31.0 G, 49@640 85.6 G.
+    from spinenet_tf.models.retinanet import build_retinanet
+
+    for model_id, expected in (("49S", 31.0e9), ("49", 85.6e9)):
+        model = build_retinanet(model_id, num_classes=91, image_size=640)
+        macs = summary.count_multiply_adds(model, (640, 640))
+        assert abs(macs - expected) / expected < 0.01, (model_id, macs)
+
+
 def test_parse_image_size():
     assert summary.parse_image_size("640") == (640, 640)
     assert summary.parse_image_size("512x384") == (512, 384)
@@ -48,4 +58,5 @@ def test_cli_prints_the_table():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| mobile-49XS | 256x256 | 842,456 |" in result.stdout
+    assert "| mobile-49XS | 256x256 | 842,456 | 869,400 |" in result.stdout
+    assert "| 872,711 | 0.2 |" in result.stdout  # Model Garden: 872,711 and 0.241 GMACs

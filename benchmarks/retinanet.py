@@ -1,0 +1,165 @@
+"""RetinaNet speed: ours against TF Model Garden's, side by side in one process.
+
+    python benchmarks/retinanet.py [--model_ids=49S,49] [--image_size=640] [--iters=5]
+
+For each model id, float32:
+- end-to-end inference at batch 1 (image in, at most 100 detections out, Model Garden's
+  default decoding settings on both sides), without and with XLA; for ours also with the
+  CPU NMS kernel (nms="combined");
+- a training step at batch 2 (forward, the same focal + Huber loss on precomputed targets,
+  backward, SGD with momentum).
+Prints median seconds and ratios Model Garden / ours (above 1: ours is faster), comparing
+each side's best inference configuration. Needs the `modelgarden` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from backbone import median_seconds  # noqa: E402
+
+from spinenet_tf.convert.model_garden import build_model_garden_retinanet  # noqa: E402
+from spinenet_tf.models.retinanet import _flatten, build_retinanet  # noqa: E402
+from spinenet_tf.ops.postprocess import DetectionConfig  # noqa: E402
+from spinenet_tf.ops.targets import retinanet_losses  # noqa: E402
+
+NUM_CLASSES = 91
+
+
+def _targets(model, batch):
+    boxes = np.zeros((batch, 100, 4), np.float32)
+    classes = np.full((batch, 100), -1, np.int32)
+    rng = np.random.default_rng(0)
+    for b in range(batch):
+        for i in range(8):
+            y, x = rng.uniform(0, 400, 2)
+            h, w = rng.uniform(30, 200, 2)
+            boxes[b, i], classes[b, i] = [y, x, y + h, x + w], rng.integers(1, NUM_CLASSES)
+    return {
+        k: tf.constant(v) for k, v in model.targets({"boxes": boxes, "classes": classes}).items()
+    }
+
+
+def _train_step(forward, variables, optimizer, targets):
+    def step(x):
+        with tf.GradientTape() as tape:
+            logits, deltas = forward(x)
+            loss = retinanet_losses(logits, deltas, targets)["total_loss"]
+        grads = tape.gradient(loss, variables)
+        if isinstance(optimizer, keras.optimizers.Optimizer):
+            optimizer.apply(grads, variables)
+        else:
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return loss
+
+    return tf.function(step)
+
+
+def bench(model_id: str, size: int, iters: int) -> dict:
+    import tf_keras
+
+    x1 = tf.random.uniform((1, size, size, 3))
+    x2 = tf.random.uniform((2, size, size, 3))
+    shape1 = tf.constant([[size, size]], tf.float32)
+    times = {}
+
+    mg = build_model_garden_retinanet(model_id, NUM_CLASSES, size)
+    for jit in (False, True):
+        key = "mg_infer_xla" if jit else "mg_infer_graph"
+        fn = tf.function(lambda x: mg(x, image_shape=shape1, training=False), jit_compile=jit)
+        times[key] = median_seconds(fn, x1, iters=iters)
+        print(f"  {model_id} Model Garden inference xla={jit}: {times[key]:.3f}s", flush=True)
+
+    ours = build_retinanet(model_id, NUM_CLASSES, size)
+    for label, config, jit in [
+        ("graph", DetectionConfig(), False),
+        ("xla", DetectionConfig(), True),
+        ("combined", DetectionConfig(nms="combined"), False),
+    ]:
+        ours.detection_config = config
+        fn = tf.function(ours.predict_step, jit_compile=jit)
+        times[f"ours_infer_{label}"] = median_seconds(fn, x1, iters=iters)
+        print(
+            f"  {model_id} ours inference {label}: {times[f'ours_infer_{label}']:.3f}s", flush=True
+        )
+    net = tf.function(lambda x: ours(x, training=False))
+    times["ours_network"] = median_seconds(net, x1, iters=iters)
+
+    targets = _targets(ours, 2)
+    levels = range(3, 8)
+
+    def mg_forward(x):
+        out = mg(x, training=True)
+        return (
+            _flatten({f"P{lv}": out["cls_outputs"][str(lv)] for lv in levels}, NUM_CLASSES),
+            _flatten({f"P{lv}": out["box_outputs"][str(lv)] for lv in levels}, 4),
+        )
+
+    def ours_forward(x):
+        out = ours(x, training=True)
+        return out["class_logits"], out["box_deltas"]
+
+    times["mg_train"] = median_seconds(
+        _train_step(
+            mg_forward, mg.trainable_variables, tf_keras.optimizers.SGD(0.01, momentum=0.9), targets
+        ),
+        x2,
+        iters=iters,
+    )
+    times["ours_train"] = median_seconds(
+        _train_step(
+            ours_forward,
+            ours.trainable_variables,
+            keras.optimizers.SGD(0.01, momentum=0.9),
+            targets,
+        ),
+        x2,
+        iters=iters,
+    )
+    print(
+        f"  {model_id} train step: Model Garden {times['mg_train']:.3f}s, "
+        f"ours {times['ours_train']:.3f}s",
+        flush=True,
+    )
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_ids", default="49S,49")
+    parser.add_argument("--image_size", type=int, default=640)
+    parser.add_argument("--iters", type=int, default=5)
+    args = parser.parse_args()
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
+        f"{args.image_size}px, float32",
+        flush=True,
+    )
+    rows = {m: bench(m, args.image_size, args.iters) for m in args.model_ids.split(",")}
+    print(
+        "\n| model | MG infer (graph / XLA) | ours infer (graph / XLA / combined NMS) | "
+        "ours network only | MG best / ours best | MG train b2 | ours train b2 | MG/ours |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for m, t in rows.items():
+        mg_best = min(t["mg_infer_graph"], t["mg_infer_xla"])
+        ours_best = min(t["ours_infer_graph"], t["ours_infer_xla"], t["ours_infer_combined"])
+        print(
+            f"| {m} | {t['mg_infer_graph']:.3f} / {t['mg_infer_xla']:.3f}s | "
+            f"{t['ours_infer_graph']:.3f} / {t['ours_infer_xla']:.3f} / "
+            f"{t['ours_infer_combined']:.3f}s | {t['ours_network']:.3f}s | "
+            f"{mg_best / ours_best:.2f}x | {t['mg_train']:.3f}s | {t['ours_train']:.3f}s | "
+            f"{t['mg_train'] / t['ours_train']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
