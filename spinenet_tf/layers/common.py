@@ -151,13 +151,17 @@ def nearest_upsample(x, scale: int, target_hw=None):
     """
     if scale == 1:
         return x
+    shape_hw = x.shape[1:3]
     shape = ops.shape(x)
     b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
     x = ops.reshape(x, (b, h, 1, w, 1, c))
     x = ops.broadcast_to(x, (b, h, scale, w, scale, c))
     x = ops.reshape(x, (b, h * scale, w * scale, c))
     if target_hw is not None:
-        x = x[:, : target_hw[0], : target_hw[1], :]
+        static = [None if d is None else d * scale for d in shape_hw]
+        known = all(isinstance(t, int) for t in target_hw)
+        if not (known and list(target_hw) == static):  # a no-op slice still copies on CPU
+            x = x[:, : target_hw[0], : target_hw[1], :]
     return x
 
 

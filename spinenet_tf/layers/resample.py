@@ -34,7 +34,11 @@ class _Resample(keras.layers.Layer):
 
     def _upsample(self, x, image):
         scale = 2 ** (self.input_level - self.target_level)
-        target_hw = level_size(ops.shape(image)[1:3], self.target_level)
+        # Static sizes where the image's are known, so XLA and the no-crop check see them.
+        hw = [
+            s if s is not None else ops.shape(image)[i + 1] for i, s in enumerate(image.shape[1:3])
+        ]
+        target_hw = level_size(hw, self.target_level)
         return nearest_upsample(x, scale, target_hw)
 
     def compute_output_shape(self, input_shapes):

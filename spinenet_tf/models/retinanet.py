@@ -202,6 +202,7 @@ def _flatten(per_level: dict, channels: int):
     return ops.concatenate(flat, axis=1)
 
 
+WEIGHT_DECAY = 4e-5
 _RETINANET_ARGS = set(inspect.signature(RetinaNet.__init__).parameters) - {
     "self",
     "kwargs",
@@ -214,8 +215,11 @@ def build_retinanet(model_id: str, num_classes: int, image_size=None, **override
 
     `image_size` defaults to the paper's size for the model id; `overrides` may hold
     RetinaNet arguments (head_num_filters, detection, ...) and backbone arguments
-    (activation, init_stochastic_depth_rate, ...).
+    (activation, init_stochastic_depth_rate, ...). Convolution kernels get the paper's weight
+    decay of 4e-5 unless `kernel_regularizer` says otherwise: L2(2e-5), whose gradient is
+    4e-5 * w (Model Garden's l2(weight_decay / 2)).
     """
+    overrides.setdefault("kernel_regularizer", keras.regularizers.L2(WEIGHT_DECAY / 2))
     scaling = specs_lib.get_scaling(model_id)
     image_size = _hw(image_size or specs_lib.PAPER_IMAGE_SIZES[scaling.model_id])
     head_args = {k: overrides.pop(k) for k in list(overrides) if k in _RETINANET_ARGS}

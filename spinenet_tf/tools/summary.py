@@ -81,7 +81,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model_id']} | {r['image_size']} | {r['params']:,} | "
             f"{r['all_variables']:,} | {r['gmacs']:.3f} | {r['retinanet_params']:,} | "
-            f"{r['retinanet_gmacs']:.1f} |"
+            f"{r['retinanet_gmacs']:.3f} |"
         )
     return "\n".join(lines)
 

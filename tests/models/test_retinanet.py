@@ -88,6 +88,14 @@ def test_fit_learns_from_raw_ground_truth_and_from_precomputed_targets():
     assert np.isfinite(history.history["loss"][-1])
 
 
+def test_weight_decay_defaults_to_the_papers_and_can_be_turned_off():
+    model = _tiny()
+    kernels = [w for w in model.trainable_weights if w.path.endswith("kernel")]
+    assert len(model.losses) == len(kernels)
+    assert model.get_config()["backbone"]["config"]["kernel_regularizer"]["config"] == {"l2": 2e-5}
+    assert not _tiny(kernel_regularizer=None).losses
+
+
 def test_missing_targets_are_named():
     model = _tiny()
     with pytest.raises(ValueError, match=r"got keys \['labels'\]"):

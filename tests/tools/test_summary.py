@@ -59,4 +59,6 @@ def test_cli_prints_the_table():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| mobile-49XS | 256x256 | 842,456 | 869,400 |" in result.stdout
-    assert "| 872,711 | 0.2 |" in result.stdout  # Model Garden: 872,711 and 0.241 GMACs
+    # Model Garden publishes 872,711 and 0.241 G, the latter with its box decoding counted
+    # (its network alone: 0.19 G in training mode); ours is the network in inference mode.
+    assert "| 872,711 | 0.180 |" in result.stdout, result.stdout
