@@ -66,7 +66,7 @@ class ConvSettings:
         init = self.kernel_initializer
         return keras.initializers.get(dict(init) if isinstance(init, dict) else init)
 
-    def _regularizer(self):
+    def regularizer(self):
         reg = self.kernel_regularizer
         return (
             None
@@ -89,7 +89,7 @@ class ConvSettings:
             padding="same",
             use_bias=use_bias,
             kernel_initializer=self._initializer(),
-            kernel_regularizer=self._regularizer(),
+            kernel_regularizer=self.regularizer(),
             name=name,
         )
 

@@ -85,7 +85,7 @@ class RetinaNetHead(keras.layers.Layer):
             3,
             padding="same",
             kernel_initializer=keras.initializers.RandomNormal(stddev=stddev),
-            kernel_regularizer=self.settings._regularizer(),
+            kernel_regularizer=self.settings.regularizer(),
             bias_initializer=bias_init,
             name=name,
         )
