@@ -47,23 +47,39 @@ def forward_fn(model, jit: bool):
     return tf.function(lambda x: model(x, training=False), jit_compile=jit)
 
 
-def train_step_fn(model, optimizer, jit: bool):
-    variables = model.trainable_variables
+def train_step_fn(loss_fn, variables, optimizer, jit: bool = False):
+    """A tf.function step: loss_fn(x) -> scalar, gradients, one optimizer update."""
 
     def step(x):
         with tf.GradientTape() as tape:
-            out = model(x, training=True)
-            loss = tf.add_n(
-                [tf.reduce_mean(tf.square(tf.cast(v, tf.float32))) for v in tf.nest.flatten(out)]
-            )
+            loss = loss_fn(x)
         grads = tape.gradient(loss, variables)
         if isinstance(optimizer, keras.optimizers.Optimizer):
             optimizer.apply(grads, variables)
-        else:
+        else:  # Model Garden's tf_keras optimizers
             optimizer.apply_gradients(zip(grads, variables, strict=True))
         return loss
 
     return tf.function(step, jit_compile=jit)
+
+
+def squared_features_loss(model):
+    def loss(x):
+        out = model(x, training=True)
+        return tf.add_n(
+            [tf.reduce_mean(tf.square(tf.cast(v, tf.float32))) for v in tf.nest.flatten(out)]
+        )
+
+    return loss
+
+
+def base_parser(doc: str) -> argparse.ArgumentParser:
+    """The options every benchmark here takes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--model_ids", default="49S,49")
+    parser.add_argument("--image_size", type=int, default=640)
+    parser.add_argument("--iters", type=int, default=5)
+    return parser
 
 
 def bench_model_id(model_id: str, size: int, iters: int, jit: bool, train: bool) -> dict:
@@ -97,7 +113,13 @@ def bench_model_id(model_id: str, size: int, iters: int, jit: bool, train: bool)
         forward = median_seconds(forward_fn(model, jit), x1, iters=iters)
         step = None
         if train:
-            step = median_seconds(train_step_fn(model, make_optimizer(), jit), x2, iters=iters)
+            step = median_seconds(
+                train_step_fn(
+                    squared_features_loss(model), model.trainable_variables, make_optimizer(), jit
+                ),
+                x2,
+                iters=iters,
+            )
         rows[name] = (forward, step)
         print(
             f"  {model_id} {name}: forward {forward:.3f}s"
@@ -110,10 +132,7 @@ def bench_model_id(model_id: str, size: int, iters: int, jit: bool, train: bool)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_ids", default="49S,49")
-    parser.add_argument("--image_size", type=int, default=640)
-    parser.add_argument("--iters", type=int, default=5)
+    parser = base_parser(__doc__)
     parser.add_argument("--jit", action="store_true", help="compile both sides with XLA")
     parser.add_argument("--no_train", action="store_true", help="forward passes only")
     args = parser.parse_args()

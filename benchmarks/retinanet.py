@@ -14,7 +14,6 @@ each side's best inference configuration. Needs the `modelgarden` extra.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from backbone import median_seconds  # noqa: E402
+from backbone import base_parser, median_seconds, train_step_fn  # noqa: E402
 
 from spinenet_tf.convert.model_garden import build_model_garden_retinanet  # noqa: E402
 from spinenet_tf.models.retinanet import _flatten, build_retinanet  # noqa: E402
@@ -46,21 +45,6 @@ def _targets(model, batch):
     return {
         k: tf.constant(v) for k, v in model.targets({"boxes": boxes, "classes": classes}).items()
     }
-
-
-def _train_step(forward, variables, optimizer, targets):
-    def step(x):
-        with tf.GradientTape() as tape:
-            logits, deltas = forward(x)
-            loss = retinanet_losses(logits, deltas, targets)["total_loss"]
-        grads = tape.gradient(loss, variables)
-        if isinstance(optimizer, keras.optimizers.Optimizer):
-            optimizer.apply(grads, variables)
-        else:
-            optimizer.apply_gradients(zip(grads, variables, strict=True))
-        return loss
-
-    return tf.function(step)
 
 
 def bench(model_id: str, size: int, iters: int) -> dict:
@@ -96,34 +80,24 @@ def bench(model_id: str, size: int, iters: int) -> dict:
     targets = _targets(ours, 2)
     levels = range(3, 8)
 
-    def mg_forward(x):
+    def mg_loss(x):
         out = mg(x, training=True)
-        return (
-            _flatten({f"P{lv}": out["cls_outputs"][str(lv)] for lv in levels}, NUM_CLASSES),
-            _flatten({f"P{lv}": out["box_outputs"][str(lv)] for lv in levels}, 4),
-        )
+        logits = _flatten({f"P{lv}": out["cls_outputs"][str(lv)] for lv in levels}, NUM_CLASSES)
+        deltas = _flatten({f"P{lv}": out["box_outputs"][str(lv)] for lv in levels}, 4)
+        return retinanet_losses(logits, deltas, targets)["total_loss"]
 
-    def ours_forward(x):
+    def ours_loss(x):
         out = ours(x, training=True)
-        return out["class_logits"], out["box_deltas"]
+        return retinanet_losses(out["class_logits"], out["box_deltas"], targets)["total_loss"]
 
-    times["mg_train"] = median_seconds(
-        _train_step(
-            mg_forward, mg.trainable_variables, tf_keras.optimizers.SGD(0.01, momentum=0.9), targets
-        ),
-        x2,
-        iters=iters,
+    mg_step = train_step_fn(
+        mg_loss, mg.trainable_variables, tf_keras.optimizers.SGD(0.01, momentum=0.9)
     )
-    times["ours_train"] = median_seconds(
-        _train_step(
-            ours_forward,
-            ours.trainable_variables,
-            keras.optimizers.SGD(0.01, momentum=0.9),
-            targets,
-        ),
-        x2,
-        iters=iters,
+    ours_step = train_step_fn(
+        ours_loss, ours.trainable_variables, keras.optimizers.SGD(0.01, momentum=0.9)
     )
+    times["mg_train"] = median_seconds(mg_step, x2, iters=iters)
+    times["ours_train"] = median_seconds(ours_step, x2, iters=iters)
     print(
         f"  {model_id} train step: Model Garden {times['mg_train']:.3f}s, "
         f"ours {times['ours_train']:.3f}s",
@@ -133,11 +107,7 @@ def bench(model_id: str, size: int, iters: int) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_ids", default="49S,49")
-    parser.add_argument("--image_size", type=int, default=640)
-    parser.add_argument("--iters", type=int, default=5)
-    args = parser.parse_args()
+    args = base_parser(__doc__).parse_args()
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
         f"{args.image_size}px, float32",
