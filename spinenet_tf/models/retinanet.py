@@ -6,7 +6,6 @@ import dataclasses
 import inspect
 
 import keras
-import numpy as np
 from keras import ops
 
 from spinenet_tf import specs as specs_lib
@@ -103,10 +102,7 @@ class RetinaNet(keras.Model):
         self.anchor_config = anchor
         self.detection_config = detection
         self.anchor_boxes = anchor.boxes(image_size)
-        self.level_sizes = [
-            int(np.prod(anchor.feature_size(image_size, lvl))) * anchor.num_anchors_per_location
-            for lvl in anchor.levels
-        ]
+        self.level_sizes = anchor.level_sizes(image_size)
         self._retinanet_config = {
             **config,
             "image_size": list(image_size),

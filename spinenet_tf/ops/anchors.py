@@ -66,11 +66,15 @@ class AnchorConfig:
             [self.level_boxes(image_hw, level).reshape(-1, 4) for level in self.levels], axis=0
         )
 
-    def num_anchors(self, image_hw) -> int:
-        return sum(
+    def level_sizes(self, image_hw) -> list[int]:
+        """Number of anchors of each level, in order."""
+        return [
             int(np.prod(self.feature_size(image_hw, level))) * self.num_anchors_per_location
             for level in self.levels
-        )
+        ]
+
+    def num_anchors(self, image_hw) -> int:
+        return sum(self.level_sizes(image_hw))
 
     def to_config(self) -> dict:
         return {**dataclasses.asdict(self), "aspect_ratios": list(self.aspect_ratios)}

@@ -8,6 +8,7 @@ import pytest
 
 import spinenet_tf
 from spinenet_tf.convert import from_model_garden
+from spinenet_tf.tools.summary import count_parameters
 from tests.conftest import model_garden, randomize_batch_norm_stats, relative_max_diff
 
 FAST_IDS = ["49S", "49", "96", "mobile-49XS", "mobile-49S", "mobile-49"]
@@ -17,10 +18,6 @@ SLOW_IDS = ["143", "143L", "190"]
 SIZES = [(128, 128), (128, 256)]
 
 
-def _trainable(model):
-    return int(sum(np.prod(w.shape) for w in model.trainable_weights))
-
-
 def _check_parity(model_id, hw, rng):
     model_garden()
     from spinenet_tf.convert.model_garden import build_model_garden_backbone
@@ -28,7 +25,7 @@ def _check_parity(model_id, hw, rng):
     source = build_model_garden_backbone(model_id, input_shape=(*hw, 3))
     randomize_batch_norm_stats(source, rng)
     target = spinenet_tf.build_backbone(model_id, input_shape=(*hw, 3))
-    assert _trainable(target) == _trainable(source)
+    assert count_parameters(target) == count_parameters(source)
     from_model_garden(source, target)
     images = rng.uniform(0.0, 1.0, (2, *hw, 3)).astype("float32")
     expected = source(images, training=False)
