@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "gin-config>=0.5",
     "pycocotools>=2.0.7",
     "numpy>=1.26",
+    "pillow>=10",
 ]
 MODELGARDEN = ["tf-models-official>=2.20,<2.21"]
 DEV = MODELGARDEN + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]

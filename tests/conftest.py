@@ -46,3 +46,34 @@ def randomize_batch_norm_stats(model, rng):
 def relative_max_diff(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory):
+    """A small synthetic shapes dataset (COCO JSON + JPEGs), made once per session."""
+    from spinenet_tf.data import shapes
+
+    root = tmp_path_factory.mktemp("shapes")
+    shapes.generate(root, num_train=24, num_val=8, image_size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shapes_records(shapes_dir):
+    """The shapes data as TFRecords with masks: {"train": pattern, "val": pattern}."""
+    from spinenet_tf.data import create_coco_tfrecord, shapes
+
+    out = {}
+    for split in shapes.SPLITS:
+        prefix = str(shapes_dir / "records" / split)
+        create_coco_tfrecord.convert(
+            shapes.image_dir(shapes_dir, split),
+            shapes.annotation_path(shapes_dir, split),
+            prefix,
+            num_shards=2,
+            include_masks=True,
+            num_workers=0,
+            verbose=False,
+        )
+        out[split] = prefix + "-*.tfrecord"
+    return out

@@ -1,0 +1,145 @@
+"""Small dict -> dict ops the parsers compose; each works eagerly and inside tf.data.
+
+Random ops take a stateless `seed` ([2] int), so a pipeline is reproducible when its seeds
+are (make_dataset hands each element its own seed).
+
+Geometry conventions: after `resize_and_crop`, boxes are in pixels of the output frame and
+`image_info` holds the scale (y, x) from original to output pixels and the crop offset.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+# ImageNet statistics in 0-255, as Model Garden's SpineNet pipelines normalise.
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+INSTANCE_KEYS = ("boxes", "classes", "is_crowd", "areas", "masks")
+
+
+def _seed(seed, salt: int):
+    seed = tf.zeros([2], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+    return seed + tf.constant([0, salt], tf.int64)
+
+
+def _keep_instances(d: dict, keep) -> dict:
+    return {k: (tf.boolean_mask(v, keep) if k in INSTANCE_KEYS else v) for k, v in d.items()}
+
+
+def random_horizontal_flip(d: dict, seed=None, probability: float = 0.5) -> dict:
+    """Flips image, normalised boxes and masks with the given probability."""
+    flip = tf.random.stateless_uniform([], _seed(seed, 1)) < probability
+    out = dict(d)
+    out["image"] = tf.cond(flip, lambda: tf.reverse(d["image"], [1]), lambda: d["image"])
+    ymin, xmin, ymax, xmax = tf.unstack(d["boxes"], 4, axis=-1)
+    flipped = tf.stack([ymin, 1.0 - xmax, ymax, 1.0 - xmin], axis=-1)
+    out["boxes"] = tf.cond(flip, lambda: flipped, lambda: d["boxes"])
+    if "masks" in d:
+        out["masks"] = tf.cond(flip, lambda: tf.reverse(d["masks"], [2]), lambda: d["masks"])
+    return out
+
+
+def crop_masks(d: dict, size: int = 112) -> dict:
+    """Instance masks cut out at their (normalised) boxes and resized to size x size, the form
+    Mask R-CNN's mask targets take; done before resizing so no full-image masks travel on."""
+    masks = tf.cast(d["masks"][..., None], tf.float32)
+    n = tf.shape(masks)[0]
+    crops = tf.image.crop_and_resize(masks, d["boxes"], tf.range(n), [size, size])
+    return {**d, "masks": tf.cast(crops[..., 0] >= 0.5, tf.uint8)}
+
+
+def resize_and_crop(
+    d: dict,
+    output_size,
+    scale_range=(1.0, 1.0),
+    seed=None,
+    min_box_size: float = 1.0,
+) -> dict:
+    """Scale jitter and random crop (Model Garden's resize_and_crop_image, with its meaning of
+    jitter: the image is fitted into output_size * s for s drawn from scale_range, then a
+    random window of at most output_size is cut out).
+
+    The image stays unpadded (at most output_size) and becomes float32. Boxes become pixels of
+    the output frame, clipped to the window; boxes left narrower than min_box_size pixels are
+    dropped with their instances. `image_info` = [[h, w], [out_h, out_w], [scale_y, scale_x],
+    [offset_y, offset_x]].
+    """
+    out_h, out_w = output_size
+    image = d["image"]
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    lo, hi = scale_range
+    s = tf.random.stateless_uniform([], _seed(seed, 2), lo, hi) if lo != hi else float(lo)
+    target = tf.constant([out_h, out_w], tf.float32) * s
+    scale = tf.reduce_min(target / hw)
+    scaled = tf.cast(tf.round(hw * scale), tf.int32)
+    # The resize scale per axis after rounding, so boxes map exactly onto resized pixels.
+    scale_yx = tf.cast(scaled, tf.float32) / hw
+    max_offset = tf.maximum(scaled - tf.constant([out_h, out_w]), 0)
+    offset = tf.cast(
+        tf.random.stateless_uniform([2], _seed(seed, 3)) * tf.cast(max_offset + 1, tf.float32),
+        tf.int32,
+    )
+    offset = tf.minimum(offset, max_offset)
+    image = tf.image.resize(image, scaled, method="bilinear", antialias=False)
+    window = tf.minimum(scaled, [out_h, out_w])
+    image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([window, [3]], 0))
+
+    window_f = tf.cast(window, tf.float32)
+    offset_f = tf.cast(offset, tf.float32)
+    size = tf.cast(scaled, tf.float32)
+    boxes = d["boxes"] * tf.tile(size, [2]) - tf.tile(offset_f, [2])
+    boxes = tf.clip_by_value(boxes, 0.0, tf.tile(window_f, [2]))
+    out = dict(d, image=image, boxes=boxes)
+    out["image_info"] = tf.stack([hw, tf.constant([out_h, out_w], tf.float32), scale_yx, offset_f])
+    wide = (boxes[:, 2] - boxes[:, 0] >= min_box_size) & (boxes[:, 3] - boxes[:, 1] >= min_box_size)
+    return _keep_instances(out, wide)
+
+
+def normalize_image(d: dict, mean=MEAN_RGB, stddev=STDDEV_RGB) -> dict:
+    image = tf.cast(d["image"], tf.float32)
+    return {**d, "image": (image - tf.constant(mean)) / tf.constant(stddev)}
+
+
+def pad_image(d: dict, output_size) -> dict:
+    """Zero-pads bottom and right to the static output size (zero is the mean colour once
+    normalised)."""
+    image = tf.image.pad_to_bounding_box(d["image"], 0, 0, *output_size)
+    return {**d, "image": tf.ensure_shape(image, [*output_size, 3])}
+
+
+def pad_instances(d: dict, max_instances: int = 100) -> dict:
+    """Pads or truncates instance fields to max_instances rows: classes -1, boxes 0, crowd
+    False. `num_instances` keeps the count before truncation so dropping is visible."""
+    out = dict(d)
+    n = tf.shape(d["classes"])[0]
+    out["num_instances"] = n
+    pad_value = {"classes": -1}
+    for key in INSTANCE_KEYS:
+        if key not in d:
+            continue
+        v = d[key][:max_instances]
+        pad = max_instances - tf.shape(v)[0]
+        paddings = [[0, pad]] + [[0, 0]] * (len(v.shape) - 1)
+        v = tf.pad(v, paddings, constant_values=tf.cast(pad_value.get(key, 0), v.dtype))
+        out[key] = tf.ensure_shape(v, [max_instances, *v.shape[1:]])
+    return out
+
+
+def cast_image(d: dict, dtype) -> dict:
+    return {**d, "image": tf.cast(d["image"], dtype)}
+
+
+def groundtruth(d: dict) -> dict:
+    """Evaluation ground truth after pad_instances: boxes back in original pixels."""
+    info = d["image_info"]
+    scale = tf.tile(info[2], [2])
+    offset = tf.tile(info[3], [2])
+    return {
+        "source_id": d["source_id"],
+        "image_info": info,
+        "boxes": (d["boxes"] + offset) / scale,
+        "classes": d["classes"],
+        "is_crowd": d["is_crowd"],
+        "areas": d["areas"],
+        "num_instances": d["num_instances"],
+    }

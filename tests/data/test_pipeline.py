@@ -1,0 +1,275 @@
+"""Data ops eagerly and inside tf.data, parsers, and make_dataset."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from spinenet_tf.data import ops
+from spinenet_tf.data.dataset import TFDSSource, make_dataset
+from spinenet_tf.data.parsers import detection_parser
+
+
+def _example(h=40, w=60):
+    image = np.arange(h * w * 3, dtype=np.uint8).reshape(h, w, 3)
+    masks = np.zeros((2, h, w), np.uint8)
+    masks[0, 4:20, 6:30] = 1
+    masks[1, 20:40, 30:60] = 1
+    return {
+        "image": tf.constant(image),
+        "source_id": tf.constant(7, tf.int64),
+        "height": tf.constant(h),
+        "width": tf.constant(w),
+        "boxes": tf.constant([[4 / h, 6 / w, 20 / h, 30 / w], [0.5, 0.5, 1.0, 1.0]], tf.float32),
+        "classes": tf.constant([3, 5], tf.int32),
+        "is_crowd": tf.constant([False, True]),
+        "areas": tf.constant([384.0, 600.0]),
+        "masks": tf.constant(masks),
+    }
+
+
+def _both_ways(fn, d):
+    """fn(d) eagerly and inside a tf.data map; checks they agree and returns the eager one."""
+    eager = fn(d)
+    in_data = next(iter(tf.data.Dataset.from_tensors(d).map(fn)))
+    for k in eager:
+        np.testing.assert_allclose(np.asarray(eager[k]), np.asarray(in_data[k]), err_msg=k)
+    return eager
+
+
+def test_flip_mirrors_image_boxes_and_masks():
+    d = _example()
+    out = _both_ways(lambda x: ops.random_horizontal_flip(x, [1, 2], probability=1.0), d)
+    np.testing.assert_array_equal(out["image"], d["image"].numpy()[:, ::-1])
+    np.testing.assert_allclose(out["boxes"][0], [0.1, 0.5, 0.5, 0.9], atol=1e-6)
+    np.testing.assert_array_equal(out["masks"], d["masks"].numpy()[:, :, ::-1])
+    same = ops.random_horizontal_flip(d, [1, 2], probability=0.0)
+    np.testing.assert_array_equal(same["image"], d["image"])
+
+
+def test_resize_without_jitter_maps_boxes_to_pixels():
+    out = _both_ways(lambda x: ops.resize_and_crop(x, (64, 64)), _example())
+    assert out["image"].shape == (43, 64, 3)  # the long side fits 64; 40 * 64/60 = 42.7
+    np.testing.assert_allclose(out["image_info"], [[40, 60], [64, 64], [43 / 40, 64 / 60], [0, 0]])
+    np.testing.assert_allclose(out["boxes"][0], [4 * 43 / 40, 6 * 64 / 60, 20 * 43 / 40, 32.0])
+
+
+def test_scale_jitter_crops_into_the_window_and_drops_emptied_boxes():
+    d = _example()
+    for seed in range(8):
+        out = _both_ways(lambda x: ops.resize_and_crop(x, (32, 32), (1.5, 2.0), [seed, 0]), d)
+        assert out["image"].shape == (32, 32, 3)
+        boxes = out["boxes"].numpy()
+        assert (boxes >= 0).all() and (boxes <= 32).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) >= 1.0).all()
+        assert out["classes"].shape[0] == boxes.shape[0] == out["masks"].shape[0]
+        scale, offset = out["image_info"][2].numpy(), out["image_info"][3].numpy()
+        assert scale[1] >= 32 / 60 * 1.5 - 0.02
+
+
+def test_normalize_pad_and_pad_instances():
+    d = ops.resize_and_crop(_example(), (64, 64))
+    d = ops.normalize_image(d)
+    np.testing.assert_allclose(d["image"][0, 0, 0], (0 - ops.MEAN_RGB[0]) / ops.STDDEV_RGB[0])
+    d = _both_ways(lambda x: ops.pad_instances(ops.pad_image(x, (64, 64)), 5), d)
+    assert d["image"].shape == (64, 64, 3)
+    assert float(tf.reduce_max(tf.abs(d["image"][43:]))) == 0.0
+    np.testing.assert_array_equal(d["classes"], [3, 5, -1, -1, -1])
+    assert d["boxes"].shape == (5, 4) and d["masks"].shape == (5, 40, 60)
+    truncated = ops.pad_instances(_example(), 1)
+    assert truncated["classes"].shape == (1,) and int(truncated["num_instances"]) == 2
+
+
+def test_groundtruth_returns_original_pixels():
+    d = ops.pad_instances(ops.resize_and_crop(_example(), (64, 64)), 4)
+    gt = _both_ways(ops.groundtruth, d)
+    np.testing.assert_allclose(gt["boxes"][:2], [[4, 6, 20, 30], [20, 30, 40, 60]], atol=1e-4)
+    np.testing.assert_array_equal(gt["is_crowd"], [False, True, False, False])
+    assert int(gt["source_id"]) == 7
+
+
+def test_crop_masks_cuts_each_instance_at_its_box():
+    out = _both_ways(lambda x: ops.crop_masks(x, 8), _example())
+    assert out["masks"].shape == (2, 8, 8)
+    assert out["masks"].numpy().mean() > 0.9  # each box is exactly its filled rectangle
+
+
+def test_parser_labels_and_dtype():
+    train = detection_parser(64, training=True, scale_range=(0.5, 2.0), image_dtype="bfloat16")
+    image, labels = _both_ways_parser(train, _example())
+    assert image.dtype == tf.bfloat16 and image.shape == (64, 64, 3)
+    assert sorted(labels) == ["boxes", "classes", "is_crowd", "num_instances"]
+    assert labels["boxes"].shape == (100, 4)
+    masks = detection_parser(64, training=True, include_masks=True, mask_size=16)
+    assert _both_ways_parser(masks, _example())[1]["masks"].shape == (100, 16, 16)
+    _, gt = detection_parser(64, training=False)(_example())
+    assert sorted(gt) == [
+        "areas",
+        "boxes",
+        "classes",
+        "image_info",
+        "is_crowd",
+        "num_instances",
+        "source_id",
+    ]
+
+
+def _both_ways_parser(parse, d):
+    eager = parse(d, tf.constant([4, 2], tf.int64))
+    ds = tf.data.Dataset.from_tensors((d, tf.constant([4, 2], tf.int64))).map(parse)
+    in_data = next(iter(ds))
+    np.testing.assert_allclose(np.asarray(eager[0], np.float32), np.asarray(in_data[0], np.float32))
+    return eager
+
+
+def test_parser_builds_retinanet_targets_on_the_host():
+    from spinenet_tf import build_retinanet
+    from tests.conftest import TINY
+
+    model = build_retinanet("49S", num_classes=6, image_size=64, **TINY)
+    parse = detection_parser(64, training=True, targets_fn=model.targets)
+    _, labels = _both_ways_parser(parse, _example())
+    n = model.anchor_boxes.shape[0]
+    assert labels["cls_targets"].shape == (n,) and labels["box_targets"].shape == (n, 4)
+    assert set(np.unique(labels["cls_targets"])) <= {0, 3, 5}
+    assert float(tf.reduce_sum(labels["box_weights"])) >= 1
+
+
+def _batches(ds, n=None):
+    out = []
+    for i, (image, labels) in enumerate(ds):
+        if n is not None and i == n:
+            break
+        out.append((image.numpy(), {k: v.numpy() for k, v in labels.items()}))
+    return out
+
+
+def test_make_dataset_is_deterministic_and_static(shapes_records):
+    parse = detection_parser(64, training=True, scale_range=(0.5, 2.0))
+
+    def run():
+        ds = make_dataset(shapes_records["train"], parse, 4, training=True, deterministic=True)
+        return _batches(ds, 3)
+
+    a, b = run(), run()
+    for (ia, la), (ib, lb) in zip(a, b):
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(la["boxes"], lb["boxes"])
+    ds = make_dataset(shapes_records["train"], parse, 4, training=True)
+    assert ds.element_spec[0].shape == (4, 64, 64, 3)
+    assert ds.element_spec[1]["boxes"].shape == (4, 100, 4)
+
+
+def test_eval_pass_covers_every_image_once_with_filler(shapes_records, shapes_dir):
+    import json
+
+    from spinenet_tf.data import shapes
+
+    coco = json.loads(shapes.annotation_path(shapes_dir, "val").read_text())
+    parse = detection_parser(64, training=False)
+    batches = _batches(make_dataset(shapes_records["val"], parse, 3, training=False))
+    ids = np.concatenate([b[1]["source_id"] for b in batches])
+    assert len(ids) % 3 == 0
+    real = ids[ids >= 0]
+    assert sorted(real.tolist()) == sorted(i["id"] for i in coco["images"])
+
+
+def test_input_contexts_split_the_data(shapes_records):
+    parse = detection_parser(64, training=False)
+    seen = []
+    for i in range(2):
+        ctx = tf.distribute.InputContext(2, i, 2)
+        ds = make_dataset(shapes_records["val"], parse, 4, training=False, input_context=ctx)
+        assert ds.element_spec[0].shape[0] == 2  # per-replica batch
+        ids = np.concatenate([b[1]["source_id"] for b in _batches(ds)])
+        seen.append(set(ids[ids >= 0].tolist()))
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == 8
+
+
+def _write_with_bad_record(shapes_records, path, bad_index):
+    good = list(tf.data.TFRecordDataset(tf.io.gfile.glob(shapes_records["val"])))
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for i, r in enumerate(good):
+            w.write(b"garbage, not an Example" if i == bad_index else r.numpy())
+    return len(good)
+
+
+def test_bad_record_is_named_or_skipped_and_counted(shapes_records, tmp_path):
+    path = tmp_path / "bad.tfrecord"
+    total = _write_with_bad_record(shapes_records, path, 3)
+    parse = detection_parser(64, training=False)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"corrupt record 3 in shard .*bad"):
+        _batches(make_dataset(str(path), parse, 2, training=False))
+    counter = tf.Variable(0, dtype=tf.int64)
+    ds = make_dataset(
+        str(path), parse, 1, training=False, skip_corrupt=True, skipped_counter=counter
+    )
+    assert len(_batches(ds)) == total - 1
+    assert int(counter.numpy()) == 1
+
+
+def test_broken_frame_names_the_shard(shapes_records, tmp_path):
+    path = tmp_path / "crc.tfrecord"
+    _write_with_bad_record(shapes_records, path, -1)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    parse = detection_parser(64, training=False)
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"shard .*crc.tfrecord.* is corrupt after record"
+    ):
+        _batches(make_dataset(str(path), parse, 2, training=False))
+    counter = tf.Variable(0, dtype=tf.int64)
+    ds = make_dataset(
+        str(path), parse, 1, training=False, skip_corrupt=True, skipped_counter=counter
+    )
+    assert 0 < len(_batches(ds)) < 8
+    assert int(counter.numpy()) == 1
+
+
+def test_tfds_source_with_mock_data():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    rng = np.random.default_rng(0)
+
+    def as_dataset_fn(*args, **kwargs):
+        examples = []
+        for i in range(4):
+            examples.append(
+                {
+                    "image": rng.integers(0, 255, (48, 64, 3), dtype=np.uint8),
+                    "image/id": np.int64(100 + i),
+                    "image/filename": f"{i}.jpg",
+                    "objects": {
+                        "area": np.array([100, 50], np.int64),
+                        "bbox": np.array([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.9, 0.8]], np.float32),
+                        "id": np.array([1, 2], np.int64),
+                        "is_crowd": np.array([False, i == 0]),
+                        "label": np.array([0, 79], np.int64),
+                    },
+                }
+            )
+        return tf.data.Dataset.from_generator(
+            lambda: iter(examples),
+            output_signature={
+                "image": tf.TensorSpec([None, None, 3], tf.uint8),
+                "image/id": tf.TensorSpec([], tf.int64),
+                "image/filename": tf.TensorSpec([], tf.string),
+                "objects": {
+                    "area": tf.TensorSpec([None], tf.int64),
+                    "bbox": tf.TensorSpec([None, 4], tf.float32),
+                    "id": tf.TensorSpec([None], tf.int64),
+                    "is_crowd": tf.TensorSpec([None], tf.bool),
+                    "label": tf.TensorSpec([None], tf.int64),
+                },
+            },
+        )
+
+    parse = detection_parser(64, training=False)
+    with tfds.testing.mock_data(num_examples=4, as_dataset_fn=as_dataset_fn):
+        ds = make_dataset(TFDSSource("coco/2017", "validation"), parse, 4, training=False)
+        (image, gt), *_ = _batches(ds)
+    assert image.shape == (4, 64, 64, 3)
+    np.testing.assert_array_equal(gt["source_id"], [100, 101, 102, 103])
+    np.testing.assert_array_equal(gt["classes"][:, :3], [[1, 80, -1]] * 4)  # 0-79 -> 1-80
+    np.testing.assert_allclose(gt["boxes"][0, 0], [4.8, 6.4, 24, 32], rtol=1e-4)
+    np.testing.assert_array_equal(gt["is_crowd"][:, 1], [True, False, False, False])
