@@ -249,14 +249,14 @@ def convert(
             if progress:
                 progress.update(i + 1)
     except BaseException:
-        for w, p in zip(writers, paths):
+        for w, p in zip(writers, paths, strict=False):
             w.close()
             Path(p + ".tmp").unlink(missing_ok=True)
         raise
     finally:
         if pool:
             pool.terminate()
-    for w, p in zip(writers, paths):
+    for w, p in zip(writers, paths, strict=False):
         w.close()
         os.replace(p + ".tmp", p)
     Path(label_map_path(output)).write_text(json.dumps({str(k): v for k, v in names.items()}))

@@ -61,7 +61,7 @@ def _polygon(category: int, cx, cy, sy, sx, angle) -> list[tuple[float, float]]:
     else:  # five-pointed star
         corners = [
             (r * math.sin(k * math.pi / 5), -r * math.cos(k * math.pi / 5))
-            for k, r in zip(range(10), [1.0, 0.45] * 5)
+            for k, r in zip(range(10), [1.0, 0.45] * 5, strict=False)
         ]
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + c * x * sx - s * y * sy, cy + s * x * sx + c * y * sy) for x, y in corners]
@@ -143,7 +143,7 @@ def generate(
     out = {}
     ann_id = 1
     image_id = 1
-    for split, count in zip(SPLITS, (num_train, num_val)):
+    for split, count in zip(SPLITS, (num_train, num_val), strict=False):
         images, annotations = [], []
         image_dir(output_dir, split).mkdir(parents=True, exist_ok=True)
         for _ in range(count):
