@@ -1,0 +1,1 @@
+"""Training: strategies, schedules, the custom loop, checkpoints and COCO evaluation."""

@@ -1,0 +1,137 @@
+"""COCO box evaluation through pycocotools, fed batch by batch with model detections."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+METRIC_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+
+
+def _xywh(boxes: np.ndarray) -> np.ndarray:
+    """(ymin, xmin, ymax, xmax) -> COCO's (x, y, width, height)."""
+    return np.stack(
+        [boxes[:, 1], boxes[:, 0], boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]], axis=-1
+    )
+
+
+class CocoEvaluator:
+    """Accumulates detections (and, without an annotation file, ground truth) and scores them.
+
+    Class ids are the dataset's category ids (the TFRecord labels), so results are in COCO's
+    own ids. Ground truth comes from `annotation_file` when given, otherwise it is rebuilt
+    from the evaluation labels of `detection_parser(training=False)`.
+    """
+
+    def __init__(self, annotation_file: str | None = None):
+        self.annotation_file = annotation_file or None
+        self.reset()
+
+    def reset(self):
+        self.detections: list[dict] = []
+        self.images: dict[int, dict] = {}
+        self.annotations: list[dict] = []
+
+    def update(self, detections: dict, groundtruth: dict):
+        """Adds one batch: detections from `RetinaNet.detect` (pixels of the model input) and
+        ground truth from the evaluation parser; rows with source_id -1 are batch filler."""
+        d = {k: np.asarray(v) for k, v in detections.items()}
+        g = {k: np.asarray(v) for k, v in groundtruth.items()}
+        for i, source_id in enumerate(g["source_id"].tolist()):
+            if source_id < 0:
+                continue
+            info = g["image_info"][i]
+            n = int(d["num_detections"][i])
+            scale = np.tile(info[2], 2)
+            offset = np.tile(info[3], 2)
+            boxes = (d["boxes"][i, :n] + offset) / scale
+            height, width = info[0]
+            boxes = np.clip(boxes, 0, [height, width, height, width])
+            for box, score, cls in zip(
+                _xywh(boxes), d["scores"][i, :n], d["classes"][i, :n], strict=True
+            ):
+                self.detections.append(
+                    {
+                        "image_id": int(source_id),
+                        "category_id": int(cls),
+                        "bbox": [round(float(v), 2) for v in box],
+                        "score": round(float(score), 5),
+                    }
+                )
+            self.images[source_id] = {"id": int(source_id), "height": height, "width": width}
+            if self.annotation_file is None:
+                valid = g["classes"][i] > 0
+                for box, cls, crowd, area in zip(
+                    _xywh(g["boxes"][i][valid]),
+                    g["classes"][i][valid],
+                    g["is_crowd"][i][valid],
+                    g["areas"][i][valid],
+                    strict=True,
+                ):
+                    self.annotations.append(
+                        {
+                            "id": len(self.annotations) + 1,
+                            "image_id": int(source_id),
+                            "category_id": int(cls),
+                            "bbox": [float(v) for v in box],
+                            "area": float(area),
+                            "iscrowd": int(crowd),
+                        }
+                    )
+
+    def _groundtruth(self) -> COCO:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if self.annotation_file:
+                coco = COCO(self.annotation_file)
+            else:
+                coco = COCO()
+                categories = sorted({a["category_id"] for a in self.annotations})
+                coco.dataset = {
+                    "images": list(self.images.values()),
+                    "annotations": self.annotations,
+                    "categories": [{"id": c} for c in categories],
+                }
+                coco.createIndex()
+        return coco
+
+    def result(self) -> dict[str, float]:
+        """The 12 COCO box metrics, over the images seen since the last reset."""
+        gt = self._groundtruth()
+        unknown = set(self.images) - set(gt.getImgIds())
+        if unknown:
+            raise ValueError(
+                f"{len(unknown)} evaluated image id(s) are not in {self.annotation_file}, "
+                f"e.g. {sorted(unknown)[:3]}"
+            )
+        if not self.detections:
+            return dict.fromkeys(METRIC_NAMES, 0.0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes(self.detections)
+            evaluator = COCOeval(gt, dt, iouType="bbox")
+            evaluator.params.imgIds = sorted(self.images)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return {k: float(v) for k, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+
+    def write_detections(self, path):
+        with open(path, "w") as f:
+            json.dump(self.detections, f)

@@ -1,0 +1,380 @@
+"""The training loop: our own loop over Keras 3 layers and optimizers, under any strategy.
+
+Keras's model.fit fails under MultiWorkerMirroredStrategy in Keras 3.15 (keras-team/keras#20585),
+so training runs `strategy.run` inside a tf.function, several steps per host loop, with the
+optimizer built inside the strategy scope before the first step (keras-team/keras#23085).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from spinenet_tf.data.dataset import TFDSSource, make_dataset
+from spinenet_tf.data.parsers import detection_parser
+from spinenet_tf.models.retinanet import build_retinanet
+from spinenet_tf.training import strategy as strategy_lib
+from spinenet_tf.training.coco_eval import CocoEvaluator
+from spinenet_tf.training.schedules import WarmupSchedule
+
+log = logging.getLogger("spinenet_tf")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """One split's input. `source` is a TFRecord pattern (local or gs://) or
+    'tfds:NAME:SPLIT' (e.g. 'tfds:coco/2017:validation')."""
+
+    source: str = ""
+    global_batch_size: int = 64
+    scale_range: tuple = (1.0, 1.0)
+    max_instances: int = 100
+    shuffle_buffer: int = 1024
+    cache: bool = False
+    skip_corrupt: bool = False
+    annotation_file: str = ""  # evaluation ground truth; else rebuilt from the records
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """SGD with momentum; the learning rate is given for reference_batch_size images and
+    scaled linearly with the global batch size (the paper: 0.28 at 256)."""
+
+    learning_rate: float = 0.28
+    reference_batch_size: int = 256
+    momentum: float = 0.9
+    warmup_steps: int = 2000
+    warmup_learning_rate: float = 0.0
+    decay: str = "step"
+    boundaries: tuple = (0.9, 0.97)
+    multipliers: tuple = (0.1, 0.01)
+    global_clipnorm: float | None = None
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    model_id: str = "49S"
+    num_classes: int = 91
+    image_size: int = 640
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    train: DataConfig = dataclasses.field(default_factory=DataConfig)
+    eval: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train_steps: int = 1000
+    steps_per_loop: int = 100
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    eval_steps: int | None = None  # None: the whole evaluation split
+    dtype_policy: str = "float32"  # mixed_bfloat16 on TPU, mixed_float16 on GPU
+    jit_compile: bool = False
+    seed: int | None = None
+    deterministic: bool = False
+    num_vis_images: int = 0  # evaluation images saved with drawn detections
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _source(text: str):
+    if text.startswith("tfds:"):
+        _, name, split = text.split(":", 2)
+        return TFDSSource(name, split)
+    if not text:
+        raise ValueError("no data source given; set DataConfig.source")
+    return text
+
+
+class Trainer:
+    """Builds model, optimizer and checkpoints under `strategy` and runs train / eval."""
+
+    def __init__(self, config: ExperimentConfig, model_dir: str, strategy=None):
+        self.config = config
+        self.model_dir = str(model_dir)
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.chief = strategy_lib.is_chief(self.strategy)
+        keras.config.set_dtype_policy(config.dtype_policy)
+        if config.deterministic:
+            keras.utils.set_random_seed(config.seed or 0)
+            tf.config.experimental.enable_op_determinism()
+        with self.strategy.scope():
+            self.model = build_retinanet(
+                config.model_id,
+                config.num_classes,
+                config.image_size,
+                **config.model_overrides,
+            )
+            self.optimizer = self._build_optimizer()
+            self.optimizer.build(self.model.trainable_variables)
+        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        directory = self.model_dir if self.chief else _worker_dir(self.model_dir, self.strategy)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, directory, max_to_keep=config.keep_checkpoints
+        )
+        self._stop_requested = False
+        self._train_loop = None
+        self._eval_step = None
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _build_optimizer(self):
+        c = self.config.optimizer
+        lr = c.learning_rate * self.config.train.global_batch_size / c.reference_batch_size
+        warmup_lr = c.warmup_learning_rate * self.config.train.global_batch_size / (
+            c.reference_batch_size
+        )
+        schedule = WarmupSchedule(
+            lr,
+            self.config.train_steps,
+            c.warmup_steps,
+            warmup_lr,
+            c.decay,
+            c.boundaries,
+            c.multipliers,
+        )
+        optimizer = keras.optimizers.SGD(
+            schedule, momentum=c.momentum, global_clipnorm=c.global_clipnorm
+        )
+        if self.config.dtype_policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        return optimizer
+
+    @property
+    def step(self) -> int:
+        return int(self.optimizer.iterations.numpy())
+
+    def dataset(self, training: bool) -> tf.distribute.DistributedDataset:
+        data = self.config.train if training else self.config.eval
+        parser = detection_parser(
+            self.config.image_size,
+            training=training,
+            scale_range=data.scale_range,
+            max_instances=data.max_instances,
+            targets_fn=self.model.targets if training else None,
+            image_dtype=keras.config.dtype_policy().compute_dtype,
+        )
+
+        def dataset_fn(input_context):
+            return make_dataset(
+                _source(data.source),
+                parser,
+                data.global_batch_size,
+                training=training,
+                input_context=input_context,
+                shuffle_buffer=data.shuffle_buffer,
+                deterministic=self.config.deterministic,
+                seed=self.config.seed,
+                skip_corrupt=data.skip_corrupt,
+                cache=data.cache,
+            )
+
+        return self.strategy.distribute_datasets_from_function(dataset_fn)
+
+    # -- training --------------------------------------------------------------------------
+    def _replica_step(self, images, labels):
+        model, optimizer = self.model, self.optimizer
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        with tf.GradientTape() as tape:
+            outputs = model(images, training=True)
+            losses = model.losses_from(labels, outputs)
+            reg = tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) if model.losses else 0.0
+            total = losses["total_loss"] + reg
+            # Keras all-reduces gradients by summing, so each replica's loss is divided by
+            # the number of replicas to give the gradient of the global-batch mean.
+            scaled = total / replicas
+            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+                scaled = optimizer.scale_loss(scaled)
+        grads = tape.gradient(scaled, model.trainable_variables)
+        optimizer.apply(grads, model.trainable_variables)
+        return {
+            "total_loss": total,
+            "cls_loss": losses["cls_loss"],
+            "box_loss": losses["box_loss"],
+            "reg_loss": tf.convert_to_tensor(reg, tf.float32),
+        }
+
+    def _make_train_loop(self):
+        strategy = self.strategy
+        replica_step = tf.function(self._replica_step, jit_compile=self.config.jit_compile)
+
+        @tf.function
+        def loop(iterator, num_steps):
+            sums = {
+                k: tf.constant(0.0) for k in ("total_loss", "cls_loss", "box_loss", "reg_loss")
+            }
+            for _ in tf.range(num_steps):
+                per_replica = strategy.run(replica_step, args=next(iterator))
+                sums = {
+                    k: sums[k] + strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                    for k, v in per_replica.items()
+                }
+            return {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
+
+        return loop
+
+    def _request_stop(self, signum, frame):
+        log.warning("signal %d: saving a checkpoint at the end of this loop, then stopping", signum)
+        self._stop_requested = True
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint, if any; returns the step."""
+        latest = self.manager.latest_checkpoint
+        if latest:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+            log.info("restored %s at step %d", latest, self.step)
+        return self.step
+
+    def train(self, evaluate_every_checkpoint: bool = False) -> dict:
+        """Trains to config.train_steps from the latest checkpoint; returns the last losses."""
+        config = self.config
+        self.restore()
+        if self.chief:
+            Path(self.model_dir).mkdir(parents=True, exist_ok=True)
+        if self._train_loop is None:
+            self._train_loop = self._make_train_loop()
+        iterator = iter(self.dataset(training=True))
+        writer = self._writer("train")
+        previous = signal.signal(signal.SIGTERM, self._request_stop)
+        progress = keras.utils.Progbar(config.train_steps, stateful_metrics=["lr", "images/s"])
+        progress.update(self.step)
+        metrics: dict = {}
+        try:
+            while self.step < config.train_steps and not self._stop_requested:
+                steps = min(
+                    config.steps_per_loop,
+                    config.train_steps - self.step,
+                    config.checkpoint_every - self.step % config.checkpoint_every,
+                )
+                start = time.perf_counter()
+                metrics = {
+                    k: float(v) for k, v in self._train_loop(iterator, tf.constant(steps)).items()
+                }
+                seconds = time.perf_counter() - start
+                step = self.step
+                if not all(math.isfinite(v) for v in metrics.values()):
+                    raise TrainingDiverged(
+                        f"loss is not finite at step {step} ({metrics}); the last checkpoint, "
+                        f"{self.manager.latest_checkpoint}, is untouched. Lower the learning rate "
+                        "or add gradient clipping (OptimizerConfig.global_clipnorm)."
+                    )
+                lr = float(self.optimizer.learning_rate)
+                metrics["images/s"] = steps * config.train.global_batch_size / seconds
+                metrics["lr"] = lr
+                progress.update(step, [(k, v) for k, v in metrics.items()])
+                self._write_summaries(writer, step, metrics)
+                if step % config.checkpoint_every == 0 or step == config.train_steps:
+                    self._save(step)
+                    if evaluate_every_checkpoint:
+                        self.evaluate()
+            if self._stop_requested:
+                self._save(self.step)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return metrics
+
+    def _save(self, step: int):
+        # Every worker saves (collectives need them all); only the chief's copy is kept.
+        self.manager.save(checkpoint_number=step)
+        if not self.chief:
+            tf.io.gfile.rmtree(self.manager.directory)
+
+    def _writer(self, name: str):
+        if not self.chief:
+            return tf.summary.create_noop_writer()
+        return tf.summary.create_file_writer(str(Path(self.model_dir) / name))
+
+    @staticmethod
+    def _write_summaries(writer, step: int, metrics: dict):
+        with writer.as_default(step=step):
+            for k, v in metrics.items():
+                tf.summary.scalar(k, v)
+        writer.flush()
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _make_eval_step(self):
+        model, strategy = self.model, self.strategy
+
+        def replica_step(images, groundtruth):
+            return model.detect(model(images, training=False)), groundtruth
+
+        replica_step = tf.function(replica_step, jit_compile=self.config.jit_compile)
+
+        @tf.function
+        def step(batch):
+            outputs = strategy.run(replica_step, args=batch)
+            return tf.nest.map_structure(lambda x: strategy.gather(x, axis=0), outputs)
+
+        return step
+
+    def evaluate(self) -> dict[str, float]:
+        """COCO metrics of the current weights on the evaluation split, written as JSON and
+        to TensorBoard under model_dir (with images of the first detections drawn when
+        config.num_vis_images > 0)."""
+        config = self.config
+        if self._eval_step is None:
+            self._eval_step = self._make_eval_step()
+        evaluator = CocoEvaluator(config.eval.annotation_file)
+        drawn = []
+        for i, batch in enumerate(self.dataset(training=False)):
+            if config.eval_steps is not None and i >= config.eval_steps:
+                break
+            detections, groundtruth = self._eval_step(batch)
+            evaluator.update(detections, groundtruth)
+            if len(drawn) < config.num_vis_images:
+                drawn += _draw_batch(self.strategy, batch[0], detections, groundtruth)
+        metrics = evaluator.result()
+        step = self.step
+        log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if self.chief:
+            out = Path(self.model_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"eval_{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
+            evaluator.write_detections(out / f"detections_{step}.json")
+            self._write_summaries(self._writer("eval"), step, metrics)
+            if drawn:
+                (out / "images").mkdir(exist_ok=True)
+                for source_id, image in drawn[: config.num_vis_images]:
+                    image.save(out / "images" / f"step{step}_image{source_id}.png")
+        return metrics
+
+    def continuous_eval(self, timeout: float | None = None) -> dict:
+        """Evaluates each new checkpoint until the one at train_steps (or `timeout` seconds
+        without a new checkpoint)."""
+        metrics = {}
+        for path in tf.train.checkpoints_iterator(self.manager.directory, timeout=timeout):
+            self.checkpoint.restore(path).expect_partial()
+            metrics = self.evaluate()
+            if self.step >= self.config.train_steps:
+                break
+        return metrics
+
+
+def _draw_batch(strategy, images, detections, groundtruth) -> list:
+    """(source id, PIL image) per real image of an evaluation batch, detections drawn."""
+    from spinenet_tf.data.ops import MEAN_RGB, STDDEV_RGB
+    from spinenet_tf.serving.visualize import draw_detections
+
+    images = strategy.gather(images, axis=0).numpy().astype(np.float32)
+    pixels = np.clip(images * STDDEV_RGB + MEAN_RGB, 0, 255).astype(np.uint8)
+    out = []
+    for i, source_id in enumerate(groundtruth["source_id"].numpy().tolist()):
+        if source_id < 0:
+            continue
+        info = groundtruth["image_info"][i].numpy()
+        h, w = np.minimum(np.round(info[0] * info[2]), info[1]).astype(int)
+        one = {k: v[i].numpy() for k, v in detections.items()}
+        out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
+    return out
+
+
+def _worker_dir(model_dir: str, strategy) -> str:
+    resolver = strategy.cluster_resolver
+    return str(Path(model_dir) / "workers" / f"{resolver.task_type}_{resolver.task_id}")
