@@ -171,6 +171,45 @@ def generate(
     return out
 
 
+def ensure_dataset(
+    root,
+    num_train: int = 800,
+    num_val: int = 100,
+    image_size: int = 128,
+    seed: int = 0,
+    num_shards: int = 4,
+) -> dict[str, str]:
+    """Generates the dataset and its TFRecords under root unless they are already there.
+
+    Returns {"train": pattern, "val": pattern, "val_annotations": path}. A finished dataset
+    is marked by root/records/DONE holding its arguments; other arguments regenerate it.
+    """
+    from spinenet_tf.data import create_coco_tfrecord
+
+    root = Path(root)
+    records = root / "records"
+    args = json.dumps([num_train, num_val, image_size, seed, num_shards])
+    done = records / "DONE"
+    out = {split: str(records / f"{split}-*.tfrecord") for split in SPLITS}
+    out["val_annotations"] = str(annotation_path(root, "val"))
+    if done.exists() and done.read_text() == args:
+        return out
+    print(f"generating the synthetic shapes dataset in {root} ...", flush=True)
+    generate(root, num_train, num_val, image_size, seed)
+    for split in SPLITS:
+        for old in records.glob(f"{split}-*"):
+            old.unlink()
+        create_coco_tfrecord.convert(
+            image_dir(root, split),
+            annotation_path(root, split),
+            str(records / split),
+            num_shards=num_shards,
+            verbose=False,
+        )
+    done.write_text(args)
+    return out
+
+
 def main(argv):
     del argv
     from absl import flags

@@ -27,8 +27,10 @@ def draw_detections(
             "classes" [N] and optionally "num_detections".
         label_map: class id -> name; ids are printed where it has no entry.
     """
-    canvas = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(
-        np.asarray(image, np.uint8)
+    canvas = (
+        image.convert("RGB")
+        if isinstance(image, Image.Image)
+        else Image.fromarray(np.asarray(image, np.uint8))
     )
     canvas = canvas.copy()
     draw = ImageDraw.Draw(canvas)

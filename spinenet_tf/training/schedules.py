@@ -27,7 +27,9 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
         if decay not in ("step", "cosine"):
             raise ValueError(f"unknown decay '{decay}'; expected 'step' or 'cosine'")
         if len(boundaries) != len(multipliers):
-            raise ValueError(f"boundaries {boundaries} and multipliers {multipliers} differ in length")
+            raise ValueError(
+                f"boundaries {boundaries} and multipliers {multipliers} differ in length"
+            )
         self.learning_rate = float(learning_rate)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(warmup_steps)

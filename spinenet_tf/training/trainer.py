@@ -76,9 +76,14 @@ class ExperimentConfig:
     eval_steps: int | None = None  # None: the whole evaluation split
     dtype_policy: str = "float32"  # mixed_bfloat16 on TPU, mixed_float16 on GPU
     jit_compile: bool = False
+    sync_batch_norm: bool = False  # batch statistics across replicas (TPU, multi-GPU)
     seed: int | None = None
     deterministic: bool = False
     num_vis_images: int = 0  # evaluation images saved with drawn detections
+    # When set, the synthetic shapes dataset is generated there (if absent) and used for
+    # any split without a source; synthetic_data_args go to shapes.ensure_dataset.
+    synthetic_data_dir: str = ""
+    synthetic_data_args: dict = dataclasses.field(default_factory=dict)
 
 
 class TrainingDiverged(RuntimeError):
@@ -111,11 +116,18 @@ class Trainer:
                 config.model_id,
                 config.num_classes,
                 config.image_size,
-                **config.model_overrides,
+                **{"use_sync_bn": config.sync_batch_norm, **config.model_overrides},
             )
             self.optimizer = self._build_optimizer()
             self.optimizer.build(self.model.trainable_variables)
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.optimizer)
+        # Variables by path, not tf.train.Checkpoint(model=...): Keras 3 models do not expose
+        # every variable to TF's object graph (a RetinaNet head's batch-norm statistics were
+        # silently left out), and paths stay stable across processes.
+        self.checkpoint = tf.train.Checkpoint(
+            model=_by_path(self.model.weights),
+            # Optimizer paths start with its auto-numbered name (sgd, sgd_1, ...): drop it.
+            optimizer=_by_path(self.optimizer.variables, lambda p: p.split("/", 1)[-1]),
+        )
         directory = self.model_dir if self.chief else _worker_dir(self.model_dir, self.strategy)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory, max_to_keep=config.keep_checkpoints
@@ -128,8 +140,8 @@ class Trainer:
     def _build_optimizer(self):
         c = self.config.optimizer
         lr = c.learning_rate * self.config.train.global_batch_size / c.reference_batch_size
-        warmup_lr = c.warmup_learning_rate * self.config.train.global_batch_size / (
-            c.reference_batch_size
+        warmup_lr = (
+            c.warmup_learning_rate * self.config.train.global_batch_size / (c.reference_batch_size)
         )
         schedule = WarmupSchedule(
             lr,
@@ -207,9 +219,7 @@ class Trainer:
 
         @tf.function
         def loop(iterator, num_steps):
-            sums = {
-                k: tf.constant(0.0) for k in ("total_loss", "cls_loss", "box_loss", "reg_loss")
-            }
+            sums = {k: tf.constant(0.0) for k in ("total_loss", "cls_loss", "box_loss", "reg_loss")}
             for _ in tf.range(num_steps):
                 per_replica = strategy.run(replica_step, args=next(iterator))
                 sums = {
@@ -372,6 +382,16 @@ def _draw_batch(strategy, images, detections, groundtruth) -> list:
         h, w = np.minimum(np.round(info[0] * info[2]), info[1]).astype(int)
         one = {k: v[i].numpy() for k, v in detections.items()}
         out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
+    return out
+
+
+def _by_path(variables, key=lambda path: path) -> dict:
+    out = {}
+    for v in variables:
+        k = key(v.path)
+        if k in out:
+            raise ValueError(f"two variables share the path {k}; cannot checkpoint by path")
+        out[k] = v
     return out
 
 

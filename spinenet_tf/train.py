@@ -1,0 +1,89 @@
+"""The main job: python -m spinenet_tf.train --gin_file=... --model_dir=... --mode=...
+
+    python -m spinenet_tf.train \
+        --gin_file=gin_configs/experiments/retinanet_spinenet49_coco.gin \
+        --gin_file=gin_configs/runtime/tpu.gin \
+        --gin_param="DATA_DIR='gs://bucket/coco'" \
+        --model_dir=gs://bucket/runs/49 --mode=train_and_eval --strategy=tpu --tpu=local
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+from absl import app, flags
+
+from spinenet_tf.training import gin_bindings
+from spinenet_tf.training.strategy import STRATEGIES, get_strategy
+from spinenet_tf.training.trainer import Trainer
+
+MODES = ("train", "eval", "train_and_eval", "continuous_eval")
+
+flags.DEFINE_multi_string("gin_file", [], "Gin files, applied in order.")
+flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the files.")
+flags.DEFINE_string("model_dir", None, "Checkpoints, summaries and results (local or gs://).")
+flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to run.")
+flags.DEFINE_enum("strategy", "default", STRATEGIES, "tf.distribute strategy.")
+flags.DEFINE_string("tpu", None, "TPU name or grpc:// address ('local' on a TPU VM).")
+flags.DEFINE_float("eval_timeout", None, "continuous_eval: stop after this many seconds idle.")
+flags.mark_flag_as_required("model_dir")
+FLAGS = flags.FLAGS
+
+
+def prepare_synthetic_data(config):
+    """Fills empty data sources from the synthetic shapes dataset, generating it if absent."""
+    if not config.synthetic_data_dir:
+        return config
+    from spinenet_tf.data import shapes
+
+    paths = shapes.ensure_dataset(config.synthetic_data_dir, **config.synthetic_data_args)
+    train = config.train
+    if not train.source:
+        train = dataclasses.replace(train, source=paths["train"])
+    evaluation = config.eval
+    if not evaluation.source:
+        evaluation = dataclasses.replace(
+            evaluation, source=paths["val"], annotation_file=paths["val_annotations"]
+        )
+    return dataclasses.replace(config, train=train, eval=evaluation)
+
+
+def run(mode: str, model_dir: str, strategy, config) -> dict:
+    """Runs one mode; returns the last evaluation metrics (or training losses)."""
+    trainer = Trainer(config, model_dir, strategy)
+    if trainer.chief:
+        tf.io.gfile.makedirs(model_dir)
+        with tf.io.gfile.GFile(str(Path(model_dir) / "config.gin"), "w") as f:
+            f.write(gin_bindings.config_str())
+    if mode == "train":
+        return trainer.train()
+    if mode == "eval":
+        trainer.restore()
+        return trainer.evaluate()
+    if mode == "continuous_eval":
+        return trainer.continuous_eval(timeout=FLAGS.eval_timeout)
+    trainer.train(evaluate_every_checkpoint=False)
+    return trainer.evaluate()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    logging.getLogger("spinenet_tf").setLevel(logging.INFO)
+    try:
+        gin_bindings.parse(FLAGS.gin_file, FLAGS.gin_param)
+        config = gin_bindings.experiment_config()
+    except (ValueError, OSError, TypeError) as e:  # unknown bindings, missing files, bad values
+        raise app.UsageError(f"gin configuration: {e}") from None
+    config = prepare_synthetic_data(config)
+    strategy = get_strategy(FLAGS.strategy, FLAGS.tpu)
+    metrics = run(FLAGS.mode, FLAGS.model_dir, strategy, config)
+    print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stdout, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,38 @@
+"""The one place gin meets the code: every configurable the .gin files may bind.
+
+Modeling code carries no gin decorators (they break Keras 3's config capture); experiments
+bind these constructors by name from gin_configs/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gin
+
+from spinenet_tf.training import trainer
+
+ExperimentConfig = gin.external_configurable(trainer.ExperimentConfig, module="spinenet_tf")
+DataConfig = gin.external_configurable(trainer.DataConfig, module="spinenet_tf")
+OptimizerConfig = gin.external_configurable(trainer.OptimizerConfig, module="spinenet_tf")
+
+
+# Experiments include fragments by their path under gin_configs/ ('models/spinenet49.gin').
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "gin_configs"
+
+
+def parse(gin_files, gin_params, skip_unknown: bool = False):
+    """Parses .gin files and overrides; an unknown binding raises naming it."""
+    gin.add_config_file_search_path(str(CONFIG_DIR))
+    gin.parse_config_files_and_bindings(
+        list(gin_files or []), list(gin_params or []), skip_unknown=skip_unknown
+    )
+
+
+def experiment_config() -> trainer.ExperimentConfig:
+    """The ExperimentConfig the parsed gin files describe."""
+    return ExperimentConfig()
+
+
+def config_str() -> str:
+    return gin.config_str()
