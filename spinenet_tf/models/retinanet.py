@@ -129,7 +129,8 @@ class RetinaNet(keras.Model):
             unmatched_iou=c["unmatched_iou"],
         )
 
-    def losses_from(self, y, y_pred) -> dict:
+    def losses_from(self, y, y_pred, normalizer=None) -> dict:
+        """Focal, box and total loss; see `retinanet_losses` for `normalizer`."""
         c = self._retinanet_config
         return retinanet_losses(
             y_pred["class_logits"],
@@ -139,6 +140,7 @@ class RetinaNet(keras.Model):
             gamma=c["focal_gamma"],
             huber_delta=c["huber_delta"],
             box_loss_weight=c["box_loss_weight"],
+            normalizer=normalizer,
         )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -95,8 +95,12 @@ def retinanet_losses(
     gamma: float = 1.5,
     huber_delta: float = 0.1,
     box_loss_weight: float = 50.0,
+    normalizer=None,
 ) -> dict:
     """Focal loss + weighted Huber loss, each summed and divided by (positives + 1).
+
+    `normalizer` replaces (positives + 1): a training loop over several replicas passes the
+    global count, so the replicas' losses sum to the loss of the whole global batch.
 
     class_logits [B, N, K], box_deltas [B, N, 4]. Channel 0 (background) is left out of the
     focal loss: as in the paper, a negative anchor is one whose K - 1 class probabilities
@@ -106,7 +110,9 @@ def retinanet_losses(
     class_logits = tf.cast(class_logits, tf.float32)[..., 1:]
     box_deltas = tf.cast(box_deltas, tf.float32)
     num_classes = class_logits.shape[-1]
-    num_positives = tf.reduce_sum(targets["box_weights"]) + 1.0
+    if normalizer is None:
+        normalizer = tf.reduce_sum(targets["box_weights"]) + 1.0
+    num_positives = tf.cast(normalizer, tf.float32)
     labels = tf.one_hot(targets["cls_targets"] - 1, num_classes)  # background -> all zeros
     # Keras averages over the class axis; the focal loss sums over it.
     focal = (

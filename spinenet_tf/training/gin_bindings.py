@@ -23,7 +23,15 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "gin_configs"
 
 def parse(gin_files, gin_params, skip_unknown: bool = False):
     """Parses .gin files and overrides; an unknown binding raises naming it."""
-    gin.add_config_file_search_path(str(CONFIG_DIR))
+    # gin_configs/ goes before the working directory: gin's package-resource lookup crashes
+    # (TypeError) on an include such as 'data/shapes.gin' when the working directory holds a
+    # directory 'data' without __init__.py, a namespace package to importlib.
+    prefixes = getattr(gin.config, "_LOCATION_PREFIXES", None)
+    if isinstance(prefixes, list):
+        if str(CONFIG_DIR) not in prefixes:
+            prefixes.insert(0, str(CONFIG_DIR))
+    else:
+        gin.add_config_file_search_path(str(CONFIG_DIR))
     gin.parse_config_files_and_bindings(
         list(gin_files or []), list(gin_params or []), skip_unknown=skip_unknown
     )

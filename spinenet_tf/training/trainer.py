@@ -175,7 +175,7 @@ class Trainer:
         )
 
         def dataset_fn(input_context):
-            return make_dataset(
+            ds = make_dataset(
                 _source(data.source),
                 parser,
                 data.global_batch_size,
@@ -187,46 +187,60 @@ class Trainer:
                 skip_corrupt=data.skip_corrupt,
                 cache=data.cache,
             )
+            if training and self.config.deterministic:
+                # Replay the input up to the restored step, so that a resumed run sees the
+                # batches an uninterrupted one would (and ends with equal weights).
+                per_step = input_context.num_replicas_in_sync // input_context.num_input_pipelines
+                ds = ds.skip(self.step * per_step)
+            return ds
 
         return self.strategy.distribute_datasets_from_function(dataset_fn)
 
     # -- training --------------------------------------------------------------------------
     def _replica_step(self, images, labels):
         model, optimizer = self.model, self.optimizer
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        context = tf.distribute.get_replica_context()
+        labels = model.targets(labels)
+        # The loss is normalised by the positives of the whole global batch, so the
+        # replicas' losses sum to the single-device loss of that batch; Keras then sums
+        # the replicas' gradients. Weight decay is the same on every replica: 1/n each.
+        positives = tf.reduce_sum(labels["box_weights"])
+        normalizer = context.all_reduce(tf.distribute.ReduceOp.SUM, positives) + 1.0
+        replicas = context.num_replicas_in_sync
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
-            losses = model.losses_from(labels, outputs)
+            losses = model.losses_from(labels, outputs, normalizer)
             reg = tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) if model.losses else 0.0
-            total = losses["total_loss"] + reg
-            # Keras all-reduces gradients by summing, so each replica's loss is divided by
-            # the number of replicas to give the gradient of the global-batch mean.
-            scaled = total / replicas
+            loss = losses["total_loss"] + reg / replicas
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                scaled = optimizer.scale_loss(scaled)
-        grads = tape.gradient(scaled, model.trainable_variables)
+                loss = optimizer.scale_loss(loss)
+        grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
         return {
-            "total_loss": total,
             "cls_loss": losses["cls_loss"],
             "box_loss": losses["box_loss"],
-            "reg_loss": tf.convert_to_tensor(reg, tf.float32),
+            "det_loss": losses["total_loss"],
+            "reg_loss": tf.convert_to_tensor(reg, tf.float32) / replicas,
         }
 
     def _make_train_loop(self):
         strategy = self.strategy
         replica_step = tf.function(self._replica_step, jit_compile=self.config.jit_compile)
+        keys = ("cls_loss", "box_loss", "det_loss", "reg_loss")
 
         @tf.function
         def loop(iterator, num_steps):
-            sums = {k: tf.constant(0.0) for k in ("total_loss", "cls_loss", "box_loss", "reg_loss")}
+            sums = {k: tf.constant(0.0) for k in keys}
             for _ in tf.range(num_steps):
                 per_replica = strategy.run(replica_step, args=next(iterator))
+                # Each replica holds its share of the global-batch loss: sum them.
                 sums = {
-                    k: sums[k] + strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+                    k: sums[k] + strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                     for k, v in per_replica.items()
                 }
-            return {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
+            means = {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
+            means["total_loss"] = means.pop("det_loss") + means["reg_loss"]
+            return means
 
         return loop
 

@@ -1,0 +1,149 @@
+"""python -m spinenet_tf.train: flags, gin errors, train_and_eval end to end, kill and resume,
+SIGTERM, and every experiment's gin file."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from spinenet_tf.training import gin_bindings
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_PARAMS = [
+    "ExperimentConfig.image_size = 64",
+    "ExperimentConfig.model_overrides = {'filter_size_scale': 0.25, "
+    "'endpoints_num_filters': 16, 'head_num_filters': 16, 'head_num_convs': 1}",
+    "ExperimentConfig.synthetic_data_args = {'num_train': 16, 'num_val': 4, 'image_size': 64}",
+    "train/DataConfig.global_batch_size = 4",
+    "eval/DataConfig.global_batch_size = 4",
+    "ExperimentConfig.steps_per_loop = 1",
+    "ExperimentConfig.checkpoint_every = 2",
+    "ExperimentConfig.num_vis_images = 1",
+    "ExperimentConfig.deterministic = True",
+]
+
+
+def _command(model_dir, data_dir, train_steps=6, mode="train_and_eval", extra=()):
+    params = TINY_PARAMS + [
+        f"ExperimentConfig.synthetic_data_dir = '{data_dir}'",
+        f"ExperimentConfig.train_steps = {train_steps}",
+        *extra,
+    ]
+    return [
+        sys.executable,
+        "-m",
+        "spinenet_tf.train",
+        f"--gin_file={ROOT / 'gin_configs/experiments/quickstart.gin'}",
+        *(f"--gin_param={p}" for p in params),
+        f"--model_dir={model_dir}",
+        f"--mode={mode}",
+    ]
+
+
+def _run(cmd, **kwargs):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, **kwargs)
+
+
+def test_bad_flags_and_unknown_gin_bindings_are_named(tmp_path):
+    result = _run([sys.executable, "-m", "spinenet_tf.train", "--model_dir=x", "--mode=fit"])
+    assert result.returncode != 0 and "mode" in result.stderr and "fit" in result.stderr
+    result = _run(_command(tmp_path, tmp_path, extra=["ExperimentConfig.image_sise = 3"]))
+    assert result.returncode != 0
+    assert "image_sise" in result.stderr and "gin configuration" in result.stderr
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def _weights(model_dir):
+    reader = tf.train.load_checkpoint(str(model_dir))
+    names = [n for n in reader.get_variable_to_shape_map() if n.startswith("model/")]
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path):
+    """SIGKILL mid-run, restart: the run reaches the final step with the weights of an
+    uninterrupted run (deterministic mode replays the input up to the restored step)."""
+    data = tmp_path / "shapes"
+    whole = _run(_command(tmp_path / "whole", data, mode="train"), timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    cmd = _command(tmp_path / "killed", data, mode="train")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while tf.train.latest_checkpoint(tmp_path / "killed") is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = tf.train.latest_checkpoint(tmp_path / "killed")
+    assert killed_at is not None and not killed_at.endswith("ckpt-6")
+
+    resumed = _run(cmd, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert tf.train.latest_checkpoint(tmp_path / "killed").endswith("ckpt-6")
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys() and len(a) > 100
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_train_and_eval_end_to_end(tmp_path):
+    result = _run(_command(tmp_path / "run", tmp_path / "shapes", train_steps=2), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "AP50=" in result.stdout
+    run = tmp_path / "run"
+    assert (run / "config.gin").read_text().count("ExperimentConfig") > 3
+    assert (run / "eval_2.json").exists() and (run / "detections_2.json").exists()
+    assert list((run / "images").glob("*.png"))
+    assert (tmp_path / "shapes" / "records" / "DONE").exists()
+
+
+def test_sigterm_saves_and_stops(shapes_records, shapes_dir, tmp_path):
+    from spinenet_tf.training.trainer import Trainer
+    from tests.training.test_trainer import _config
+
+    config = _config(shapes_records, shapes_dir, train_steps=50, steps_per_loop=1)
+    trainer = Trainer(config, tmp_path / "term")
+
+    def send_when_first_checkpoint_exists():
+        while tf.train.latest_checkpoint(tmp_path / "term") is None:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=send_when_first_checkpoint_exists, daemon=True).start()
+    trainer.train()
+    assert 2 <= trainer.step < 50
+    assert tf.train.latest_checkpoint(tmp_path / "term").endswith(f"ckpt-{trainer.step}")
+
+
+@pytest.mark.parametrize(
+    "experiment", sorted(p.name for p in (ROOT / "gin_configs/experiments").glob("*.gin"))
+)
+@pytest.mark.parametrize("runtime", ["tpu.gin", "gpu.gin", "cpu.gin"])
+def test_every_experiment_parses(experiment, runtime):
+    import gin
+
+    gin.clear_config()
+    try:
+        gin_bindings.parse(
+            [
+                ROOT / "gin_configs/experiments" / experiment,
+                ROOT / "gin_configs/runtime" / runtime,
+            ],
+            [],
+        )
+        config = gin_bindings.experiment_config()
+    finally:
+        gin.clear_config()
+    assert config.train_steps > 0 and config.image_size >= 128
+    if "coco" in experiment:
+        assert config.train.global_batch_size == 256
+        assert config.train.scale_range == (0.5, 2.0)
+        assert config.optimizer.learning_rate == 0.28
