@@ -14,8 +14,10 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
+# Generates the synthetic shapes data (first run), trains, evaluates; prints COCO AP.
 quickstart: $(STAMP)
-	$(PY) -m spinenet_tf.tools.summary --all
+	$(PY) -m spinenet_tf.train --gin_file=gin_configs/experiments/quickstart.gin \
+		--model_dir=runs/quickstart --mode=train_and_eval
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -32,4 +34,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/retinanet.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes

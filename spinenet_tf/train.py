@@ -16,6 +16,7 @@ from pathlib import Path
 
 import tensorflow as tf
 from absl import app, flags
+from absl import logging as absl_logging
 
 from spinenet_tf.training import gin_bindings
 from spinenet_tf.training.strategy import STRATEGIES, get_strategy
@@ -73,7 +74,16 @@ def run(mode: str, model_dir: str, strategy, config) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    logging.getLogger("spinenet_tf").setLevel(logging.INFO)
+    # Our progress and results at INFO; TensorFlow's own INFO chatter (checkpoint sharding,
+    # tf.data buffer sizes) stays out of the console.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logger = logging.getLogger("spinenet_tf")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
     try:
         gin_bindings.parse(FLAGS.gin_file, FLAGS.gin_param)
         config = gin_bindings.experiment_config()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 
 import tensorflow as tf
@@ -29,75 +30,113 @@ def _placeholder(spec):
 
 
 def _tfrecord_elements(
-    patterns, input_context, training, seed, cycle_length, deterministic, skip_corrupt, counter
+    patterns,
+    decode: Callable,
+    input_context,
+    training,
+    seed,
+    cycle_length,
+    deterministic,
+    skip_corrupt,
+    counter,
 ):
-    """(decoded dict, ok, shard, record index) per record; ok is False for a bad record."""
+    """Decoded records of the matching files, for this input pipeline."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
     if not files:
         raise FileNotFoundError(f"no files match {patterns}")
-    shard_records = False
-    sizes = [tf.io.gfile.stat(f).length for f in files]
-    files_ds = tf.data.Dataset.from_tensor_slices((files, tf.constant(sizes, tf.int64)))
+    pipelines, pipeline_id = 1, 0
+    files_ds = tf.data.Dataset.from_tensor_slices(
+        (files, tf.constant([tf.io.gfile.stat(f).length for f in files], tf.int64))
+    )
     if input_context and input_context.num_input_pipelines > 1:
         if len(files) >= input_context.num_input_pipelines:
             files_ds = files_ds.shard(
                 input_context.num_input_pipelines, input_context.input_pipeline_id
             )
-        else:  # fewer files than hosts: every host reads all and keeps its share of records
-            shard_records = True
+        else:  # fewer files than hosts: every host reads all and decodes its share of records
+            pipelines = input_context.num_input_pipelines
+            pipeline_id = input_context.input_pipeline_id
     if training:
         files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    placeholder = _placeholder(tf.data.Dataset.from_tensors("").map(decode).element_spec)
 
     def read(shard, size):
-        # A broken frame (bad length or CRC) ends TFRecordDataset's reading of a shard with an
-        # error that names only a byte offset. So read past errors and, after the last record,
-        # compare the bytes read with the file size: a short read names the shard.
-        records = tf.data.TFRecordDataset(shard).ignore_errors().enumerate()
-        records = records.map(lambda i, r: (r, i, True))
-        records = records.concatenate(
-            tf.data.Dataset.from_tensors(("", tf.constant(-1, tf.int64), False))
+        # Bad records are found without a per-record guard: each shard is decoded in order
+        # (parallel, deterministic), ignore_errors drops what fails, and a scan spots the gap
+        # in record indices. A broken frame (bad length or CRC) ends TFRecordDataset's reading
+        # of a shard; the bytes read then fall short of the file size, checked at the end.
+        def account(consumed, record):
+            consumed += tf.cast(tf.strings.length(record), tf.int64) + 16
+            return consumed, (record, consumed)
+
+        raw = tf.data.TFRecordDataset(shard).ignore_errors()
+        raw = raw.scan(tf.constant(0, tf.int64), account).enumerate()
+
+        def decode_mine(index, element):
+            record, consumed = element
+            mine = index % pipelines == pipeline_id
+            d = tf.cond(mine, lambda: decode(record), lambda: placeholder)
+            return d, index, consumed, mine
+
+        decoded = raw.map(decode_mine, num_parallel_calls=AUTOTUNE, deterministic=True)
+        decoded = decoded.ignore_errors().concatenate(
+            tf.data.Dataset.from_tensors(
+                (placeholder, tf.constant(-1, tf.int64), tf.constant(-1, tf.int64), False)
+            )
         )
 
-        def account(state, element):
-            record, index, is_record = element
-            # A TFRecord frame is 8 length bytes, 4 CRC bytes, the data, 4 CRC bytes.
-            frame = tf.cast(tf.strings.length(record), tf.int64) + 16
-            state = state + tf.cast(is_record, tf.int64) * tf.stack([frame, 1])
-            return state, (record, index, is_record, state)
+        def gaps(state, element):
+            d, index, consumed, mine = element
+            end = index < 0
+            missing = tf.where(end, tf.constant(0, tf.int64), index - state[0])
+            new_state = tf.where(end, state, tf.stack([index + 1, consumed]))
+            return new_state, (d, mine, end, state[0], missing, state[1])
 
-        records = records.scan(tf.zeros([2], tf.int64), account)
-        return records.filter(
-            lambda record, index, is_record, state: tf.cond(
-                is_record,
-                lambda: True,
-                lambda: _check_shard(shard, size, state, skip_corrupt, counter),
+        checked = decoded.scan(tf.zeros([2], tf.int64), gaps).filter(
+            lambda d, mine, end, first_missing, missing, consumed: (
+                _check(shard, size, end, first_missing, missing, consumed, skip_corrupt, counter)
+                & mine
+                & ~end
             )
-        ).map(lambda record, index, is_record, state: (record, shard, index))
+        )
+        return checked.map(lambda d, *_: d)
 
-    records = files_ds.interleave(
+    return files_ds.interleave(
         read,
         cycle_length=min(cycle_length, len(files)),
         num_parallel_calls=AUTOTUNE,
         deterministic=deterministic,
     )
-    if shard_records:
-        records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-    return records
 
 
-def _guarded(decode: Callable, example_spec):
-    good = tf.data.Dataset.from_tensors(example_spec).map(decode)
-    placeholder = _placeholder(good.element_spec)
-
-    def fn(record, shard, index):
-        decoded = tf.data.Dataset.from_tensors(record).map(decode).ignore_errors()
-        first = decoded.map(lambda d: (d, True)).concatenate(
-            tf.data.Dataset.from_tensors((placeholder, False))
-        )
-        return first.take(1).map(lambda d, ok: (d, ok, shard, index))
-
-    return fn
+def _check(shard, size, end, first_missing, missing, consumed, skip_corrupt, counter):
+    """True unless a bad record precedes this element or the shard ends short; then an error
+    naming shard and record, or (skip_corrupt) a printed warning and a count."""
+    bad_record = missing > 0
+    short = end & (consumed != size)
+    message = tf.cond(
+        short,
+        lambda: tf.strings.format(
+            "shard {} is corrupt after record {}: its readable records end at byte {} of {} "
+            "(a broken length or CRC, or undecodable last records)",
+            (shard, first_missing - 1, consumed, size),
+        ),
+        lambda: tf.strings.format(
+            "corrupt record {} in shard {} ({} in a row): it cannot be parsed as a tf.Example "
+            "or its image cannot be decoded",
+            (first_missing, shard, missing),
+        ),
+    )
+    ok = ~(bad_record | short)
+    if not skip_corrupt:
+        with tf.control_dependencies([tf.debugging.Assert(ok, [message], summarize=1)]):
+            return tf.identity(ok)
+    if counter is not None:
+        counter.assign_add(tf.cast(missing, counter.dtype) + tf.cast(short, counter.dtype))
+    # The element itself is good (the bad records are already dropped): keep it.
+    with tf.control_dependencies([tf.cond(ok, tf.no_op, lambda: _warn(message))]):
+        return tf.constant(True)
 
 
 def make_dataset(
@@ -145,6 +184,7 @@ def make_dataset(
     else:
         elements = _tfrecord_elements(
             source,
+            lambda r: decode_example(r, include_masks),
             input_context,
             training,
             seed,
@@ -153,12 +193,6 @@ def make_dataset(
             skip_corrupt,
             skipped_counter,
         )
-        decode = _guarded(lambda r: decode_example(r, include_masks), tf.constant("", tf.string))
-        elements = elements.interleave(
-            decode, cycle_length=16, num_parallel_calls=AUTOTUNE, deterministic=deterministic
-        )
-        elements = elements.filter(_check_record(skip_corrupt, skipped_counter))
-        elements = elements.map(lambda d, ok, shard, index: d)
     if cache:
         elements = elements.cache()
     if training:
@@ -185,42 +219,8 @@ def _mark_filler(image, labels):
     return image, labels
 
 
-def _check_record(skip_corrupt: bool, counter: tf.Variable | None):
-    def check(d, ok, shard, index):
-        message = tf.strings.format(
-            "corrupt record {} in shard {}: it cannot be parsed as a tf.Example or its image "
-            "cannot be decoded",
-            (index, shard),
-        )
-        if not skip_corrupt:
-            with tf.control_dependencies([tf.debugging.Assert(ok, [message], summarize=1)]):
-                return tf.identity(ok)
-        if counter is not None:
-            counter.assign_add(tf.cast(tf.logical_not(ok), counter.dtype))
-        return tf.cond(ok, lambda: True, lambda: _warn(message))
-
-    return check
-
-
-def _check_shard(shard, size, state, skip_corrupt, counter):
-    """False, after checking that the whole shard was read (see `read`)."""
-    consumed, count = tf.unstack(state)
-    message = tf.strings.format(
-        "shard {} is corrupt after record {}: its records end at byte {} of {} (a broken "
-        "length or CRC)",
-        (shard, count - 1, consumed, size),
-    )
-    if not skip_corrupt:
-        with tf.control_dependencies([tf.debugging.Assert(consumed == size, [message])]):
-            return tf.constant(False)
-    if counter is not None:
-        counter.assign_add(tf.cast(consumed != size, counter.dtype))
-    return tf.cond(consumed == size, lambda: False, lambda: _warn(message))
-
-
-def _warn(message) -> bool:
-    with tf.control_dependencies([tf.print("WARNING: skipping", message)]):
-        return tf.constant(False)
+def _warn(message):
+    return tf.print("WARNING: skipping", message, output_stream=sys.stderr)
 
 
 def _tfds_elements(source: TFDSSource, input_context, training: bool) -> tf.data.Dataset:

@@ -80,14 +80,30 @@ def resize_and_crop(
         tf.int32,
     )
     offset = tf.minimum(offset, max_offset)
-    image = tf.image.resize(image, scaled, method="bilinear", antialias=False)
     window = tf.minimum(scaled, [out_h, out_w])
-    image = tf.slice(image, tf.concat([offset, [0]], 0), tf.concat([window, [3]], 0))
+    # Crop, then resize: only the source pixels under the window (plus a pixel of margin for
+    # the bilinear taps) are resized, so jitter above 1 costs no more than the output size.
+    source_hw = tf.shape(image)[:2]
+    offset_f = tf.cast(offset, tf.float32)
+    src0 = tf.maximum(tf.cast(tf.floor(offset_f / scale_yx), tf.int32) - 1, 0)
+    src1 = tf.cast(tf.math.ceil(tf.cast(offset + window, tf.float32) / scale_yx), tf.int32)
+    src1 = tf.minimum(src1 + 1, source_hw)
+    region = tf.slice(image, tf.concat([src0, [0]], 0), tf.concat([src1 - src0, [3]], 0))
+    region_size = tf.cast(src1 - src0, tf.float32)
+    resized = tf.maximum(tf.cast(tf.round(region_size * scale_yx), tf.int32), window)
+    scale_yx = tf.cast(resized, tf.float32) / region_size  # exact, after rounding
+    src0_f = tf.cast(src0, tf.float32)
+    inner = tf.cast(
+        tf.round((offset_f / tf.cast(scaled, tf.float32) * hw - src0_f) * scale_yx), tf.int32
+    )
+    inner = tf.clip_by_value(inner, 0, resized - window)
+    image = tf.image.resize(region, resized, method="bilinear", antialias=False)
+    image = tf.slice(image, tf.concat([inner, [0]], 0), tf.concat([window, [3]], 0))
+    # Output pixel = original pixel * scale - offset, per axis.
+    offset_f = src0_f * scale_yx + tf.cast(inner, tf.float32)
 
     window_f = tf.cast(window, tf.float32)
-    offset_f = tf.cast(offset, tf.float32)
-    size = tf.cast(scaled, tf.float32)
-    boxes = d["boxes"] * tf.tile(size, [2]) - tf.tile(offset_f, [2])
+    boxes = d["boxes"] * tf.tile(hw * scale_yx, [2]) - tf.tile(offset_f, [2])
     boxes = tf.clip_by_value(boxes, 0.0, tf.tile(window_f, [2]))
     out = dict(d, image=image, boxes=boxes)
     out["image_info"] = tf.stack([hw, tf.constant([out_h, out_w], tf.float32), scale_yx, offset_f])
@@ -107,9 +123,10 @@ def pad_image(d: dict, output_size) -> dict:
     return {**d, "image": tf.ensure_shape(image, [*output_size, 3])}
 
 
-def pad_instances(d: dict, max_instances: int = 100) -> dict:
+def pad_instances(d: dict, max_instances: int = 100, at_least: bool = False) -> dict:
     """Pads or truncates instance fields to max_instances rows: classes -1, boxes 0, crowd
-    False. `num_instances` keeps the count before truncation so dropping is visible."""
+    False. `num_instances` keeps the count before truncation so dropping is visible. With
+    at_least, only pads up to max_instances and never truncates (dynamic row count)."""
     out = dict(d)
     n = tf.shape(d["classes"])[0]
     out["num_instances"] = n
@@ -117,11 +134,11 @@ def pad_instances(d: dict, max_instances: int = 100) -> dict:
     for key in INSTANCE_KEYS:
         if key not in d:
             continue
-        v = d[key][:max_instances]
-        pad = max_instances - tf.shape(v)[0]
+        v = d[key] if at_least else d[key][:max_instances]
+        pad = tf.maximum(max_instances - tf.shape(v)[0], 0)
         paddings = [[0, pad]] + [[0, 0]] * (len(v.shape) - 1)
         v = tf.pad(v, paddings, constant_values=tf.cast(pad_value.get(key, 0), v.dtype))
-        out[key] = tf.ensure_shape(v, [max_instances, *v.shape[1:]])
+        out[key] = v if at_least else tf.ensure_shape(v, [max_instances, *v.shape[1:]])
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import tensorflow as tf
 
 # Largest log-scale delta decoded, as in Detectron and Model Garden: exp() stays finite for
@@ -13,7 +14,10 @@ _EPSILON = 1e-8
 
 
 def _center_size(boxes):
-    ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
+    if isinstance(boxes, np.ndarray):  # constant anchors: computed once, not in the graph
+        ymin, xmin, ymax, xmax = (boxes[..., i] for i in range(4))
+    else:
+        ymin, xmin, ymax, xmax = tf.unstack(boxes, axis=-1)
     h, w = ymax - ymin, xmax - xmin
     return ymin + 0.5 * h, xmin + 0.5 * w, h, w
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from spinenet_tf.ops.boxes import encode_boxes, pairwise_iou
+from spinenet_tf.ops.boxes import box_area, encode_boxes
 
 # Class id 0 is background; padded ground-truth rows carry class -1.
 BACKGROUND = 0
@@ -41,38 +42,35 @@ def build_targets(
     """
     if unmatched_iou > match_iou:
         raise ValueError(f"unmatched_iou {unmatched_iou} must be <= match_iou {match_iou}")
-    anchors = tf.convert_to_tensor(anchors, tf.float32)
+    anchors = np.asarray(anchors, np.float32) if not tf.is_tensor(anchors) else anchors
     gt_boxes = tf.cast(gt_boxes, tf.float32)
     gt_classes = tf.cast(gt_classes, tf.int32)
     valid = gt_classes > BACKGROUND
     crowd = tf.zeros_like(valid) if is_crowd is None else tf.cast(is_crowd, tf.bool)
     matchable = valid & ~crowd
 
-    iou = pairwise_iou(anchors, gt_boxes)  # [..., N, M]
-    iou_match = tf.where(matchable[..., None, :], iou, -1.0)
-    best_iou = tf.reduce_max(iou_match, axis=-1)
-    best_gt = tf.argmax(iou_match, axis=-1, output_type=tf.int32)
+    # [..., M, N]: ground truth on the second-last axis, anchors on the last. With few boxes
+    # and ~10^5 anchors this keeps the long axis innermost (vectorised), and anchor-only
+    # terms are computed once, in numpy, when anchors are numpy (the input pipeline's case).
+    iou = _gt_anchor_iou(gt_boxes, anchors)
+    iou_match = tf.where(matchable[..., :, None], iou, -1.0)
+    best_iou = tf.reduce_max(iou_match, axis=-2)  # [..., N]
+    best_gt = tf.argmax(iou_match, axis=-2, output_type=tf.int32)
     positive = best_iou >= match_iou
     if force_match:
-        num_anchors = tf.shape(anchors)[0]
-        best_anchor = tf.argmax(iou_match, axis=-2, output_type=tf.int32)  # [..., M]
-        has_overlap = tf.reduce_max(iou_match, axis=-2) > 0.0
-        # [..., N, M]: True at each matchable box's best anchor.
-        forced = tf.one_hot(
-            best_anchor,
-            num_anchors,
-            on_value=True,
-            off_value=False,
-            axis=len(best_anchor.shape) - 1,
-        )
-        forced &= (matchable & has_overlap)[..., None, :]
-        forced_gt = tf.argmax(tf.where(forced, iou, -1.0), axis=-1, output_type=tf.int32)
-        forced_any = tf.reduce_any(forced, axis=-1)
+        num_anchors = anchors.shape[0]
+        best_anchor = tf.argmax(iou_match, axis=-1, output_type=tf.int32)  # [..., M]
+        has_overlap = tf.reduce_max(iou_match, axis=-1) > 0.0
+        # [..., M, N]: True at each matchable box's best anchor.
+        forced = tf.one_hot(best_anchor, num_anchors, on_value=True, off_value=False)
+        forced &= (matchable & has_overlap)[..., :, None]
+        forced_gt = tf.argmax(tf.where(forced, iou, -1.0), axis=-2, output_type=tf.int32)
+        forced_any = tf.reduce_any(forced, axis=-2)
         best_gt = tf.where(forced_any & ~positive, forced_gt, best_gt)
         positive |= forced_any
     negative = (best_iou < unmatched_iou) & ~positive
     if is_crowd is not None:
-        crowd_iou = tf.reduce_max(tf.where((valid & crowd)[..., None, :], iou, 0.0), axis=-1)
+        crowd_iou = tf.reduce_max(tf.where((valid & crowd)[..., :, None], iou, 0.0), axis=-2)
         negative &= crowd_iou < unmatched_iou
 
     batch_dims = len(gt_classes.shape) - 1
@@ -85,6 +83,19 @@ def build_targets(
         "cls_weights": tf.cast(positive | negative, tf.float32),
         "box_weights": positive_f,
     }
+
+
+def _gt_anchor_iou(gt_boxes, anchors):
+    """IoU [..., M, N] of gt_boxes [..., M, 4] with anchors [N, 4]."""
+    a_ymin, a_xmin, a_ymax, a_xmax = (anchors[:, i] for i in range(4))
+    a_area = (a_ymax - a_ymin) * (a_xmax - a_xmin)
+    g = gt_boxes[..., :, None, :]
+    inter_h = tf.maximum(tf.minimum(g[..., 2], a_ymax) - tf.maximum(g[..., 0], a_ymin), 0.0)
+    inter_w = tf.maximum(tf.minimum(g[..., 3], a_xmax) - tf.maximum(g[..., 1], a_xmin), 0.0)
+    inter = inter_h * inter_w
+    g_area = box_area(gt_boxes)[..., :, None]
+    union = g_area + a_area - inter
+    return tf.where(union > 0.0, inter / tf.maximum(union, 1e-8), 0.0)
 
 
 def retinanet_losses(

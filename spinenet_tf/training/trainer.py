@@ -78,6 +78,9 @@ class ExperimentConfig:
     jit_compile: bool = False
     sync_batch_norm: bool = False  # batch statistics across replicas (TPU, multi-GPU)
     seed: int | None = None
+    # Fixed input order and augmentation, TF op determinism (process-wide), and resumption
+    # that replays the input: a resumed run ends with an uninterrupted run's weights. Not
+    # with jit_compile: XLA has no deterministic MaxPool gradient.
     deterministic: bool = False
     num_vis_images: int = 0  # evaluation images saved with drawn detections
     # When set, the synthetic shapes dataset is generated there (if absent) and used for
@@ -133,6 +136,7 @@ class Trainer:
             self.checkpoint, directory, max_to_keep=config.keep_checkpoints
         )
         self._stop_requested = False
+        self.history: list[dict] = []  # metrics of each host loop of this process
         self._train_loop = None
         self._eval_step = None
 
@@ -267,7 +271,10 @@ class Trainer:
         iterator = iter(self.dataset(training=True))
         writer = self._writer("train")
         previous = signal.signal(signal.SIGTERM, self._request_stop)
-        progress = keras.utils.Progbar(config.train_steps, stateful_metrics=["lr", "images/s"])
+        progress = keras.utils.Progbar(
+            config.train_steps,
+            stateful_metrics=["total_loss", "cls_loss", "box_loss", "reg_loss", "lr", "images/s"],
+        )
         progress.update(self.step)
         metrics: dict = {}
         try:
@@ -292,6 +299,7 @@ class Trainer:
                 lr = float(self.optimizer.learning_rate)
                 metrics["images/s"] = steps * config.train.global_batch_size / seconds
                 metrics["lr"] = lr
+                self.history.append({"step": step, **metrics})
                 progress.update(step, [(k, v) for k, v in metrics.items()])
                 self._write_summaries(writer, step, metrics)
                 if step % config.checkpoint_every == 0 or step == config.train_steps:
@@ -410,5 +418,8 @@ def _by_path(variables, key=lambda path: path) -> dict:
 
 
 def _worker_dir(model_dir: str, strategy) -> str:
+    """A scratch directory for a non-chief worker's checkpoint writes (removed after each)."""
+    import tempfile
+
     resolver = strategy.cluster_resolver
-    return str(Path(model_dir) / "workers" / f"{resolver.task_type}_{resolver.task_id}")
+    return tempfile.mkdtemp(prefix=f"spinenet_{resolver.task_type}{resolver.task_id}_")

@@ -173,12 +173,17 @@ def test_eval_pass_covers_every_image_once_with_filler(shapes_records, shapes_di
     assert sorted(real.tolist()) == sorted(i["id"] for i in coco["images"])
 
 
-def test_input_contexts_split_the_data(shapes_records):
+@pytest.mark.parametrize("one_file", [False, True], ids=["by_file", "by_record"])
+def test_input_contexts_split_the_data(shapes_records, tmp_path, one_file):
     parse = detection_parser(64, training=False)
+    source = shapes_records["val"]
+    if one_file:  # fewer files than input pipelines: records are split instead
+        source = str(tmp_path / "one.tfrecord")
+        _write_with_bad_record(shapes_records, source, -1)
     seen = []
     for i in range(2):
         ctx = tf.distribute.InputContext(2, i, 2)
-        ds = make_dataset(shapes_records["val"], parse, 4, training=False, input_context=ctx)
+        ds = make_dataset(source, parse, 4, training=False, input_context=ctx)
         assert ds.element_spec[0].shape[0] == 2  # per-replica batch
         ids = np.concatenate([b[1]["source_id"] for b in _batches(ds)])
         seen.append(set(ids[ids >= 0].tolist()))
@@ -198,7 +203,7 @@ def test_bad_record_is_named_or_skipped_and_counted(shapes_records, tmp_path):
     path = tmp_path / "bad.tfrecord"
     total = _write_with_bad_record(shapes_records, path, 3)
     parse = detection_parser(64, training=False)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"corrupt record 3 in shard .*bad"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"corrupt record 3 in shard .*bad.tfrecord"):
         _batches(make_dataset(str(path), parse, 2, training=False))
     counter = tf.Variable(0, dtype=tf.int64)
     ds = make_dataset(
@@ -273,3 +278,49 @@ def test_tfds_source_with_mock_data():
     np.testing.assert_array_equal(gt["classes"][:, :3], [[1, 80, -1]] * 4)  # 0-79 -> 1-80
     np.testing.assert_allclose(gt["boxes"][0, 0], [4.8, 6.4, 24, 32], rtol=1e-4)
     np.testing.assert_array_equal(gt["is_crowd"][:, 1], [True, False, False, False])
+
+
+def test_model_fit_on_make_dataset(shapes_records):
+    """The notebook path: model.compile + model.fit on a make_dataset pipeline."""
+    import keras
+
+    from spinenet_tf import build_retinanet
+    from tests.conftest import TINY
+
+    model = build_retinanet("49S", num_classes=5, image_size=64, **TINY, head_num_convs=1)
+    parse = detection_parser(64, training=True, scale_range=(0.8, 1.25), targets_fn=model.targets)
+    ds = make_dataset(shapes_records["train"], parse, 4, training=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.005, momentum=0.9))
+    history = model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+
+
+def test_jittered_boxes_stay_on_their_pixels():
+    """Whatever the scale and crop, a box still frames its object's pixels (to a pixel)."""
+    h, w = 90, 120
+    image = np.zeros((h, w, 3), np.uint8)
+    image[30:60, 40:100] = 255
+    d = {
+        "image": tf.constant(image),
+        "boxes": tf.constant([[30 / h, 40 / w, 60 / h, 100 / w]], tf.float32),
+        "classes": tf.constant([1]),
+        "is_crowd": tf.constant([False]),
+        "areas": tf.constant([1800.0]),
+    }
+    checked = 0
+    for seed in range(12):
+        out = ops.resize_and_crop(d, (64, 64), (0.5, 2.5), [seed, 7])
+        if out["boxes"].shape[0] == 0:
+            continue
+        checked += 1
+        bright = np.argwhere(out["image"].numpy()[..., 0] > 127)
+        ymin, xmin, ymax, xmax = out["boxes"][0].numpy()
+        assert abs(bright[:, 0].min() - ymin) <= 1.0 and abs(bright[:, 0].max() + 1 - ymax) <= 1.0
+        assert abs(bright[:, 1].min() - xmin) <= 1.0 and abs(bright[:, 1].max() + 1 - xmax) <= 1.0
+        # image_info maps the box back to the original pixels.
+        info = out["image_info"].numpy()
+        back = (out["boxes"][0].numpy() + np.tile(info[3], 2)) / np.tile(info[2], 2)
+        window = (np.tile(info[3], 2) + [0, 0, *out["image"].shape[:2]]) / np.tile(info[2], 2)
+        expected = np.clip([30, 40, 60, 100], window[:2].tolist() * 2, window[2:].tolist() * 2)
+        np.testing.assert_allclose(back, expected, atol=1e-3)
+    assert checked >= 6

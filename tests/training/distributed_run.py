@@ -49,10 +49,8 @@ def main(strategy_name: str, out: str, pattern: str):
     trainer = Trainer(
         config, os.path.join(os.path.dirname(out), "model_" + strategy_name), strategy
     )
-    losses = []
-    for steps in (1, 2, 3):
-        trainer.config.train_steps = steps
-        losses.append(trainer.train()["total_loss"])
+    trainer.train()
+    losses = [h["total_loss"] for h in trainer.history]
     np.savez(
         out,
         losses=np.array(losses),

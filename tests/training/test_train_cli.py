@@ -147,3 +147,58 @@ def test_every_experiment_parses(experiment, runtime):
         assert config.train.global_batch_size == 256
         assert config.train.scale_range == (0.5, 2.0)
         assert config.optimizer.learning_rate == 0.28
+
+
+def _tiny_experiment(experiment: str, shapes_records, runtime: str = "cpu.gin"):
+    import gin
+
+    gin.clear_config()
+    try:
+        gin_bindings.parse(
+            [ROOT / "gin_configs/experiments" / experiment, ROOT / "gin_configs/runtime" / runtime],
+            [],
+        )
+        config = gin_bindings.experiment_config()
+    finally:
+        gin.clear_config()
+    import dataclasses
+
+    from spinenet_tf.specs import get_scaling
+
+    mobile = get_scaling(config.model_id).family == "mobile"
+    tiny = (
+        {"filter_size_scale": 0.5, "endpoints_num_filters": 8}
+        if mobile
+        else {"filter_size_scale": 0.25, "endpoints_num_filters": 16, "head_num_filters": 16}
+    )
+    return dataclasses.replace(
+        config,
+        image_size=64,
+        model_overrides={**config.model_overrides, **tiny, "head_num_convs": 1},
+        train=dataclasses.replace(
+            config.train, source=shapes_records["train"], global_batch_size=2, shuffle_buffer=0
+        ),
+        synthetic_data_dir="",
+        train_steps=1,
+        steps_per_loop=1,
+        jit_compile=True,
+    )
+
+
+def _xla_cases():
+    cases = [pytest.param("quickstart.gin", "cpu.gin", id="quickstart")]
+    for path in sorted((ROOT / "gin_configs/experiments").glob("*_coco.gin")):
+        cases.append(pytest.param(path.name, "tpu.gin", id=path.stem, marks=pytest.mark.slow))
+    return cases
+
+
+@pytest.mark.parametrize("experiment, runtime", _xla_cases())
+def test_experiment_train_step_compiles_with_xla(experiment, runtime, shapes_records, tmp_path):
+    """Every experiment's model, at tiny width and 64 px, takes an XLA-compiled training step
+    (the COCO experiments with the TPU runtime: mixed_bfloat16 and sync batch norm)."""
+    from spinenet_tf.training.trainer import Trainer
+
+    config = _tiny_experiment(experiment, shapes_records, runtime)
+    trainer = Trainer(config, tmp_path / "xla")
+    losses = trainer.train()
+    assert trainer.step == 1 and np.isfinite(losses["total_loss"])

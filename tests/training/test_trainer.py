@@ -98,7 +98,6 @@ def _config(records, shapes_dir, **overrides):
         steps_per_loop=2,
         checkpoint_every=2,
         seed=1,
-        deterministic=True,
     )
     base.update(overrides)
     return ExperimentConfig(**base)
