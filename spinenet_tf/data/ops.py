@@ -111,9 +111,15 @@ def resize_and_crop(
     return _keep_instances(out, wide)
 
 
+def keep_first_instances(d: dict, n: int) -> dict:
+    """At most the first n instances (the ones pad_instances keeps)."""
+    return _keep_instances(d, tf.range(tf.shape(d["classes"])[0]) < n)
+
+
 def normalize_image(d: dict, mean=MEAN_RGB, stddev=STDDEV_RGB) -> dict:
     image = tf.cast(d["image"], tf.float32)
-    return {**d, "image": (image - tf.constant(mean)) / tf.constant(stddev)}
+    scale = tf.constant([1.0 / s for s in stddev], tf.float32)  # a multiply beats a divide
+    return {**d, "image": (image - tf.constant(mean, tf.float32)) * scale}
 
 
 def pad_image(d: dict, output_size) -> dict:

@@ -24,8 +24,9 @@ def detection_parser(
     """Returns parse(decoded, seed=None) -> (image, labels) for RetinaNet-style detectors.
 
     Training labels: padded ground truth {"boxes" (output pixels), "classes", "is_crowd",
-    "num_instances"} (+ "masks" [M, mask_size, mask_size]) and, when targets_fn is given
-    (e.g. `RetinaNet.targets`), its anchor targets too, so matching runs on the host.
+    "num_instances"} (+ "masks" [M, mask_size, mask_size]) and, when targets_fn is given,
+    what it returns for the unpadded ground truth: `RetinaNet.anchor_matches` (compact,
+    matching on the host, encoding on the accelerator) or `RetinaNet.targets` (all of it).
     Evaluation labels: `ops.groundtruth` (source id, image_info, boxes in original pixels,
     classes, crowd flags, areas). Images are normalised, zero-padded to image_size and cast
     to image_dtype (bfloat16 for TPUs halves host-to-device traffic).
@@ -55,7 +56,9 @@ def detection_parser(
         if training and targets_fn is not None:
             # Matching against the real boxes only (not the padded max_instances rows) is
             # what makes host-side targets cheap: 10x faster at 640 px with a few boxes.
-            targets = targets_fn(ops.pad_instances(d, 1, at_least=True))
+            # Same first rows as the padded labels, so box indices in the targets agree.
+            real = ops.keep_first_instances(d, max_instances)
+            targets = targets_fn(ops.pad_instances(real, 1, at_least=True))
         d = ops.pad_instances(d, max_instances)
         image = tf.cast(d["image"], image_dtype)
         if not training:

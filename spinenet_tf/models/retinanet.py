@@ -14,7 +14,12 @@ from spinenet_tf.models.heads import RetinaNetHead
 from spinenet_tf.models.spinenet import SpineNet, build_backbone
 from spinenet_tf.ops.anchors import AnchorConfig
 from spinenet_tf.ops.postprocess import DetectionConfig, generate_detections
-from spinenet_tf.ops.targets import build_targets, retinanet_losses
+from spinenet_tf.ops.targets import (
+    build_targets,
+    match_anchors,
+    retinanet_losses,
+    targets_from_matches,
+)
 
 
 @keras.saving.register_keras_serializable(package="spinenet_tf")
@@ -111,7 +116,8 @@ class RetinaNet(keras.Model):
         }
 
     def targets(self, y) -> dict:
-        """Training targets from y: passed through if already built, else matched here."""
+        """Training targets from y: passed through if already built, encoded from host-side
+        `anchor_matches`, or matched here from padded ground truth."""
         if "cls_targets" in y:
             return y
         if "boxes" not in y or "classes" not in y:
@@ -119,15 +125,28 @@ class RetinaNet(keras.Model):
                 "RetinaNet targets need either cls_targets / box_targets / cls_weights / "
                 f"box_weights or padded boxes / classes; got keys {sorted(y)}"
             )
+        if "anchor_matches" in y:
+            return targets_from_matches(
+                y["anchor_matches"], self.anchor_boxes, y["boxes"], y["classes"]
+            )
+        return build_targets(self.anchor_boxes, y["boxes"], y["classes"], **self._match_args(y))
+
+    def anchor_matches(self, y) -> dict:
+        """{"anchor_matches": [..., N]} for padded ground truth y: the input pipeline's share of
+        the targets (see `spinenet_tf.ops.targets.match_anchors`)."""
+        return {
+            "anchor_matches": match_anchors(
+                self.anchor_boxes, y["boxes"], y["classes"], **self._match_args(y)
+            )
+        }
+
+    def _match_args(self, y) -> dict:
         c = self._retinanet_config
-        return build_targets(
-            self.anchor_boxes,
-            y["boxes"],
-            y["classes"],
-            y.get("is_crowd"),
-            match_iou=c["match_iou"],
-            unmatched_iou=c["unmatched_iou"],
-        )
+        return {
+            "is_crowd": y.get("is_crowd"),
+            "match_iou": c["match_iou"],
+            "unmatched_iou": c["unmatched_iou"],
+        }
 
     def losses_from(self, y, y_pred, normalizer=None) -> dict:
         """Focal, box and total loss; see `retinanet_losses` for `normalizer`."""

@@ -174,7 +174,7 @@ class Trainer:
             training=training,
             scale_range=data.scale_range,
             max_instances=data.max_instances,
-            targets_fn=self.model.targets if training else None,
+            targets_fn=self.model.anchor_matches if training else None,
             image_dtype=keras.config.dtype_policy().compute_dtype,
         )
 

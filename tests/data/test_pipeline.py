@@ -132,6 +132,13 @@ def test_parser_builds_retinanet_targets_on_the_host():
     assert labels["cls_targets"].shape == (n,) and labels["box_targets"].shape == (n, 4)
     assert set(np.unique(labels["cls_targets"])) <= {0, 3, 5}
     assert float(tf.reduce_sum(labels["box_weights"])) >= 1
+    # Compact host-side matches, encoded by the model, give the same targets.
+    compact = detection_parser(64, training=True, targets_fn=model.anchor_matches)
+    _, matched = _both_ways_parser(compact, _example())
+    assert matched["anchor_matches"].shape == (n,) and matched["anchor_matches"].dtype == tf.int32
+    encoded = model.targets({k: v[None] for k, v in matched.items()})
+    for key in ("cls_targets", "box_targets", "cls_weights", "box_weights"):
+        np.testing.assert_allclose(encoded[key][0], labels[key], atol=1e-6, err_msg=key)
 
 
 def _batches(ds, n=None):
