@@ -32,6 +32,7 @@ lint: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py
 	$(PY) benchmarks/retinanet.py
+	$(PY) benchmarks/input_pipeline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
-from pathlib import Path
 
 import tensorflow as tf
 from absl import app, flags
@@ -58,8 +58,10 @@ def run(mode: str, model_dir: str, strategy, config) -> dict:
     trainer = Trainer(config, model_dir, strategy)
     if trainer.chief:
         tf.io.gfile.makedirs(model_dir)
-        with tf.io.gfile.GFile(str(Path(model_dir) / "config.gin"), "w") as f:
+        with tf.io.gfile.GFile(os.path.join(model_dir, "config.gin"), "w") as f:
             f.write(gin_bindings.config_str())
+        with tf.io.gfile.GFile(os.path.join(model_dir, "operative_config.gin"), "w") as f:
+            f.write(gin_bindings.operative_config_str())
     if mode == "train":
         return trainer.train()
     if mode == "eval":

@@ -7,6 +7,7 @@ import io
 import json
 
 import numpy as np
+import tensorflow as tf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -99,8 +100,11 @@ class CocoEvaluator:
 
     def _groundtruth(self) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
-            if self.annotation_file:
-                coco = COCO(self.annotation_file)
+            if self.annotation_file:  # through tf.io.gfile, so gs:// paths work
+                coco = COCO()
+                with tf.io.gfile.GFile(self.annotation_file) as f:
+                    coco.dataset = json.load(f)
+                coco.createIndex()
             else:
                 coco = COCO()
                 categories = sorted({a["category_id"] for a in self.annotations})
@@ -133,5 +137,5 @@ class CocoEvaluator:
         return {k: float(v) for k, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
 
     def write_detections(self, path):
-        with open(path, "w") as f:
+        with tf.io.gfile.GFile(path, "w") as f:
             json.dump(self.detections, f)

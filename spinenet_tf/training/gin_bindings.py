@@ -6,6 +6,7 @@ bind these constructors by name from gin_configs/.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import gin
@@ -32,9 +33,9 @@ def parse(gin_files, gin_params, skip_unknown: bool = False):
             prefixes.insert(0, str(CONFIG_DIR))
     else:
         gin.add_config_file_search_path(str(CONFIG_DIR))
-    gin.parse_config_files_and_bindings(
-        list(gin_files or []), list(gin_params or []), skip_unknown=skip_unknown
-    )
+    # Files given on the command line are taken as paths (absolute paths skip the search).
+    files = [os.path.abspath(f) if os.path.isfile(f) else str(f) for f in gin_files or []]
+    gin.parse_config_files_and_bindings(files, list(gin_params or []), skip_unknown=skip_unknown)
 
 
 def experiment_config() -> trainer.ExperimentConfig:
@@ -43,4 +44,10 @@ def experiment_config() -> trainer.ExperimentConfig:
 
 
 def config_str() -> str:
+    """Every parsed binding."""
     return gin.config_str()
+
+
+def operative_config_str() -> str:
+    """The bindings that were used to build the experiment."""
+    return gin.operative_config_str()

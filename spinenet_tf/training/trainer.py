@@ -11,9 +11,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -265,7 +265,7 @@ class Trainer:
         config = self.config
         self.restore()
         if self.chief:
-            Path(self.model_dir).mkdir(parents=True, exist_ok=True)
+            tf.io.gfile.makedirs(self.model_dir)
         if self._train_loop is None:
             self._train_loop = self._make_train_loop()
         iterator = iter(self.dataset(training=True))
@@ -321,7 +321,7 @@ class Trainer:
     def _writer(self, name: str):
         if not self.chief:
             return tf.summary.create_noop_writer()
-        return tf.summary.create_file_writer(str(Path(self.model_dir) / name))
+        return tf.summary.create_file_writer(os.path.join(self.model_dir, name))
 
     @staticmethod
     def _write_summaries(writer, step: int, metrics: dict):
@@ -366,15 +366,19 @@ class Trainer:
         step = self.step
         log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if self.chief:
-            out = Path(self.model_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"eval_{step}.json").write_text(json.dumps({"step": step, **metrics}, indent=1))
-            evaluator.write_detections(out / f"detections_{step}.json")
+            # tf.io.gfile throughout: model_dir may be gs://.
+            out = self.model_dir
+            tf.io.gfile.makedirs(out)
+            with tf.io.gfile.GFile(os.path.join(out, f"eval_{step}.json"), "w") as f:
+                f.write(json.dumps({"step": step, **metrics}, indent=1))
+            evaluator.write_detections(os.path.join(out, f"detections_{step}.json"))
             self._write_summaries(self._writer("eval"), step, metrics)
             if drawn:
-                (out / "images").mkdir(exist_ok=True)
+                tf.io.gfile.makedirs(os.path.join(out, "images"))
                 for source_id, image in drawn[: config.num_vis_images]:
-                    image.save(out / "images" / f"step{step}_image{source_id}.png")
+                    name = os.path.join(out, "images", f"step{step}_image{source_id}.png")
+                    with tf.io.gfile.GFile(name, "wb") as f:
+                        image.save(f, format="PNG")
         return metrics
 
     def continuous_eval(self, timeout: float | None = None) -> dict:

@@ -100,6 +100,7 @@ def test_train_and_eval_end_to_end(tmp_path):
     assert "AP50=" in result.stdout
     run = tmp_path / "run"
     assert (run / "config.gin").read_text().count("ExperimentConfig") > 3
+    assert "ExperimentConfig.model_id" in (run / "operative_config.gin").read_text()
     assert (run / "eval_2.json").exists() and (run / "detections_2.json").exists()
     assert list((run / "images").glob("*.png"))
     assert (tmp_path / "shapes" / "records" / "DONE").exists()

@@ -147,3 +147,18 @@ def test_diverging_loss_stops_with_the_step_and_saves_nothing(shapes_records, sh
     with pytest.raises(TrainingDiverged, match=r"not finite at step \d"):
         trainer.train()
     assert tf.train.latest_checkpoint(tmp_path / "nan") is None
+
+
+def test_continuous_eval_on_a_non_local_filesystem(shapes_records, shapes_dir):
+    """model_dir on TF's in-memory filesystem (ram://), as on gs://: checkpoints, summaries,
+    results and images all go through tf.io.gfile; continuous_eval evaluates the checkpoints
+    until the one at train_steps."""
+    model_dir = "ram://spinenet_continuous_eval"
+    config = _config(shapes_records, shapes_dir, num_vis_images=1)
+    Trainer(config, model_dir).train()
+    evaluator = Trainer(config, model_dir)
+    metrics = evaluator.continuous_eval(timeout=30)
+    assert evaluator.step == 4 and "AP50" in metrics
+    files = tf.io.gfile.listdir(model_dir)
+    assert {"eval_4.json", "detections_4.json", "checkpoint"} <= set(files)
+    assert tf.io.gfile.listdir(model_dir + "/images")
