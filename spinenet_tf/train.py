@@ -69,8 +69,10 @@ def run(mode: str, model_dir: str, strategy, config) -> dict:
         return trainer.evaluate()
     if mode == "continuous_eval":
         return trainer.continuous_eval(timeout=FLAGS.eval_timeout)
-    trainer.train(evaluate_every_checkpoint=False)
-    return trainer.evaluate()
+    # train_and_eval: evaluate at every checkpoint; a run that resumes at its last step
+    # (nothing left to train) evaluates once.
+    trainer.train(evaluate_every_checkpoint=True)
+    return trainer.last_eval if trainer.last_eval is not None else trainer.evaluate()
 
 
 def main(argv):

@@ -137,6 +137,7 @@ class Trainer:
         )
         self._stop_requested = False
         self.history: list[dict] = []  # metrics of each host loop of this process
+        self.last_eval: dict | None = None  # metrics of the latest evaluate()
         self._train_loop = None
         self._eval_step = None
 
@@ -305,7 +306,7 @@ class Trainer:
                 if step % config.checkpoint_every == 0 or step == config.train_steps:
                     self._save(step)
                     if evaluate_every_checkpoint:
-                        self.evaluate()
+                        self.last_eval = self.evaluate()
             if self._stop_requested:
                 self._save(self.step)
         finally:
@@ -363,6 +364,7 @@ class Trainer:
             if len(drawn) < config.num_vis_images:
                 drawn += _draw_batch(self.strategy, batch[0], detections, groundtruth)
         metrics = evaluator.result()
+        self.last_eval = metrics
         step = self.step
         log.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         if self.chief:
