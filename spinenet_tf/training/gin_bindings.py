@@ -51,3 +51,36 @@ def config_str() -> str:
 def operative_config_str() -> str:
     """The bindings that were used to build the experiment."""
     return gin.operative_config_str()
+
+
+def load_model(
+    gin_files,
+    gin_params,
+    checkpoint: str,
+    label_map_path: str | None = None,
+    detection: dict | None = None,
+    dtype_policy: str = "float32",
+):
+    """(model, label map) for an experiment's gin files and a training checkpoint (prefix or
+    model_dir): the model `predict` and `export` serve.
+
+    The label map comes from label_map_path (label map JSON or COCO annotations) or else from
+    the experiment's data; `detection` overrides DetectionConfig fields (score_threshold,
+    max_detections, ...). Raises ValueError / OSError naming a bad gin file, binding or
+    checkpoint.
+    """
+    import dataclasses
+
+    import keras
+
+    from spinenet_tf.serving.label_map import label_map_for, read_label_map
+
+    parse(gin_files, gin_params)
+    config = experiment_config()
+    keras.config.set_dtype_policy(dtype_policy)
+    model = trainer.build_model(config, sync_batch_norm=False)
+    trainer.restore_model(model, checkpoint)
+    if detection:
+        model.detection_config = dataclasses.replace(model.detection_config, **detection)
+    label_map = read_label_map(label_map_path) if label_map_path else label_map_for(config)
+    return model, label_map

@@ -115,19 +115,14 @@ class Trainer:
             keras.utils.set_random_seed(config.seed or 0)
             tf.config.experimental.enable_op_determinism()
         with self.strategy.scope():
-            self.model = build_retinanet(
-                config.model_id,
-                config.num_classes,
-                config.image_size,
-                **{"use_sync_bn": config.sync_batch_norm, **config.model_overrides},
-            )
+            self.model = build_model(config)
             self.optimizer = self._build_optimizer()
             self.optimizer.build(self.model.trainable_variables)
         # Variables by path, not tf.train.Checkpoint(model=...): Keras 3 models do not expose
         # every variable to TF's object graph (a RetinaNet head's batch-norm statistics were
         # silently left out), and paths stay stable across processes.
         self.checkpoint = tf.train.Checkpoint(
-            model=_by_path(self.model.weights),
+            model=model_variables(self.model),
             # Optimizer paths start with its auto-numbered name (sgd, sgd_1, ...): drop it.
             optimizer=_by_path(self.optimizer.variables, lambda p: p.split("/", 1)[-1]),
         )
@@ -411,6 +406,48 @@ def _draw_batch(strategy, images, detections, groundtruth) -> list:
         one = {k: v[i].numpy() for k, v in detections.items()}
         out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
     return out
+
+
+def build_model(config: ExperimentConfig, sync_batch_norm: bool | None = None):
+    """The experiment's RetinaNet (in the current dtype policy)."""
+    sync = config.sync_batch_norm if sync_batch_norm is None else sync_batch_norm
+    return build_retinanet(
+        config.model_id,
+        config.num_classes,
+        config.image_size,
+        **{"use_sync_bn": sync, **config.model_overrides},
+    )
+
+
+def model_variables(model) -> dict:
+    """The model's part of a training checkpoint: its variables keyed by path."""
+    return _by_path(model.weights)
+
+
+def restore_model(model, checkpoint: str) -> str:
+    """Loads a training checkpoint's model weights (not its optimizer state) into `model`.
+
+    `checkpoint` is a checkpoint prefix (model_dir/ckpt-1500) or a directory, whose latest
+    checkpoint is taken. Returns the prefix read. Raises ValueError naming the path when
+    there is no checkpoint or when it lacks one of the model's variables.
+    """
+    prefix = checkpoint
+    if tf.io.gfile.isdir(checkpoint):
+        prefix = tf.train.latest_checkpoint(checkpoint)
+        if prefix is None:
+            raise ValueError(f"no checkpoint in directory {checkpoint}")
+    elif not tf.io.gfile.exists(prefix + ".index"):
+        raise ValueError(f"no checkpoint at {checkpoint} (expected {checkpoint}.index)")
+    status = tf.train.Checkpoint(model=model_variables(model)).restore(prefix)
+    try:
+        status.assert_existing_objects_matched()
+    except AssertionError as e:
+        raise ValueError(
+            f"checkpoint {prefix} does not fit this model (another model_id, size or "
+            f"overrides?): {str(e)[:500]}"
+        ) from None
+    status.expect_partial()  # the optimizer's slots are not wanted here
+    return prefix
 
 
 def _by_path(variables, key=lambda path: path) -> dict:

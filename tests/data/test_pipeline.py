@@ -210,7 +210,9 @@ def test_bad_record_is_named_or_skipped_and_counted(shapes_records, tmp_path):
     path = tmp_path / "bad.tfrecord"
     total = _write_with_bad_record(shapes_records, path, 3)
     parse = detection_parser(64, training=False)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"corrupt record 3 in shard .*bad.tfrecord"):
+    with pytest.raises(
+        tf.errors.InvalidArgumentError, match=r"corrupt record 3 in shard .*bad.tfrecord"
+    ):
         _batches(make_dataset(str(path), parse, 2, training=False))
     counter = tf.Variable(0, dtype=tf.int64)
     ds = make_dataset(

@@ -1,0 +1,35 @@
+"""Flags shared by the serving commands (export, predict): which trained model to load."""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+
+def define_model_flags():
+    flags.DEFINE_multi_string("gin_file", [], "The experiment's gin files, as given to train.")
+    flags.DEFINE_multi_string("gin_param", [], "Gin bindings applied after the files.")
+    flags.DEFINE_string("checkpoint", None, "A checkpoint prefix, or a model_dir (its latest).")
+    flags.DEFINE_string(
+        "label_map",
+        None,
+        "Label map JSON or COCO annotation file; default: the experiment's data.",
+    )
+
+
+def load_from_flags(flag_values, detection: dict | None = None):
+    """(model, label map) from --gin_file / --gin_param / --checkpoint / --label_map, with
+    DetectionConfig overrides; bad values become usage errors that name them."""
+    from spinenet_tf.training import gin_bindings
+
+    if not flag_values.checkpoint or not flag_values.gin_file:
+        raise app.UsageError("a trained model needs both --gin_file and --checkpoint")
+    try:
+        return gin_bindings.load_model(
+            flag_values.gin_file,
+            flag_values.gin_param,
+            flag_values.checkpoint,
+            label_map_path=flag_values.label_map,
+            detection=detection,
+        )
+    except (OSError, TypeError, ValueError) as e:  # gin files / bindings, checkpoint, labels
+        raise app.UsageError(str(e)) from None

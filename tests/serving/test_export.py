@@ -1,0 +1,264 @@
+"""SavedModel export: signatures, parity with the Python model, a TensorFlow-only consumer,
+saved_model_cli, bad requests, static shapes, label maps."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from spinenet_tf import MODEL_IDS, build_retinanet
+from spinenet_tf.data import shapes
+from spinenet_tf.data.parsers import detection_parser
+from spinenet_tf.serving.export import Detector, export_saved_model
+from spinenet_tf.serving.label_map import label_map_for, read_label_map
+from tests.conftest import TINY, TINY_MOBILE, randomize_batch_norm_stats
+
+ROOT = Path(__file__).resolve().parents[2]
+LABELS = {1: "ellipse", 2: "rectangle", 3: "triangle", 4: "star"}
+# Every anchor scores, so outputs are full and parity covers all 20 rows.
+DETECTION = {"score_threshold": 0.0, "max_detections": 20}
+
+
+def _tiny_model(model_id="49S", size=64):
+    tiny = TINY_MOBILE if model_id.startswith("mobile") else TINY
+    model = build_retinanet(model_id, 5, size, **tiny, head_num_convs=1, detection=DETECTION)
+    randomize_batch_norm_stats(model, np.random.default_rng(0))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_model()
+
+
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("export") / "saved_model"
+    export_saved_model(model, str(path), label_map=LABELS)
+    return path
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _example(encoded: bytes) -> bytes:
+    feature = {"image/encoded": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded]))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def _reference(model, image: np.ndarray) -> dict:
+    """The Python model on the evaluation pipeline's input, boxes mapped back by image_info."""
+    parse = detection_parser(model.image_size, training=False)
+    d = {
+        "image": tf.constant(image),
+        "source_id": tf.constant(1, tf.int64),
+        "boxes": tf.zeros([0, 4]),
+        "classes": tf.zeros([0], tf.int32),
+        "is_crowd": tf.zeros([0], tf.bool),
+        "areas": tf.zeros([0]),
+    }
+    net_input, gt = parse(d)
+    det = {k: v.numpy()[0] for k, v in model.predict_step(net_input[None]).items()}
+    scale = np.tile(gt["image_info"][2].numpy(), 2)
+    det["boxes"] = np.minimum(det["boxes"] / scale, np.tile(image.shape[:2], 2))
+    return det
+
+
+def _assert_matches(served: dict, row: int, reference: dict):
+    n = int(reference["num_detections"])
+    assert n == DETECTION["max_detections"]
+    assert int(served["num_detections"][row]) == n
+    np.testing.assert_array_equal(served["detection_classes"][row], reference["classes"])
+    np.testing.assert_allclose(served["detection_scores"][row], reference["scores"], atol=1e-5)
+    np.testing.assert_allclose(served["detection_boxes"][row], reference["boxes"], atol=2e-3)
+    names = [LABELS.get(int(c), "") for c in reference["classes"]]
+    assert [s.decode() for s in served["detection_class_names"][row]] == names
+
+
+# A consumer with TensorFlow only: keras, tf_keras and spinenet_tf behave as if not installed
+# (found without an origin, which TensorFlow's lazy loaders treat as absent; importing fails).
+CONSUMER = """
+import importlib.abc, importlib.machinery, sys
+BLOCKED = ("keras", "tf_keras", "spinenet_tf")
+class Missing(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ImportError(f"No module named {spec.name!r} (blocked in this test)")
+    def exec_module(self, module):
+        pass
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return importlib.machinery.ModuleSpec(name, Missing())
+sys.meta_path.insert(0, Block())
+import numpy as np, tensorflow as tf
+inputs = dict(np.load(sys.argv[2]))
+model = tf.saved_model.load(sys.argv[1])
+out = {}
+for name, key in [("image_tensor", "tensor"), ("image_bytes", "bytes"),
+                  ("tf_example", "examples"), ("serving_default", "tensor")]:
+    for k, v in model.signatures[name](inputs=tf.constant(inputs[key])).items():
+        out[f"{name}/{k}"] = v.numpy()
+try:
+    model.signatures["image_bytes"](inputs=tf.constant([b"not an image"]))
+    out["bad_request"] = np.array("served")
+except tf.errors.InvalidArgumentError as e:
+    out["bad_request"] = np.array("InvalidArgumentError: " + e.message)
+again = model.signatures["image_bytes"](inputs=tf.constant(inputs["bytes"][:1]))
+out["after_bad/num_detections"] = again["num_detections"].numpy()
+blocked = [m for m in sys.modules if m.split(".")[0] in ("keras", "tf_keras", "spinenet_tf")]
+out["imported"] = np.array(",".join(blocked))
+np.savez(sys.argv[3], **out)
+"""
+
+
+def test_saved_model_serves_with_tensorflow_only_and_matches_the_model(
+    model, exported, shapes_dir, tmp_path
+):
+    rng = np.random.default_rng(1)
+    jpegs = sorted((shapes.image_dir(shapes_dir, "val")).glob("*.jpg"))[:2]
+    odd = rng.integers(0, 255, (37, 90, 3), dtype=np.uint8)  # wide, not a multiple of 2
+    tall = rng.integers(0, 255, (120, 50, 3), dtype=np.uint8)  # larger than the input
+    encoded = [p.read_bytes() for p in jpegs] + [_png(odd), _png(tall)]
+    decoded = [tf.io.decode_image(e, channels=3).numpy() for e in encoded]
+    np.savez(
+        tmp_path / "inputs.npz",
+        tensor=np.stack([odd, odd[::-1]]),
+        bytes=np.array(encoded, dtype=object).astype(bytes),
+        examples=np.array([_example(e) for e in encoded[:2]], dtype=object).astype(bytes),
+    )
+    script = tmp_path / "consumer.py"
+    script.write_text(CONSUMER)
+    result = subprocess.run(
+        [sys.executable, str(script), str(exported), tmp_path / "inputs.npz", tmp_path / "out"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        cwd=tmp_path,  # not the repository: spinenet_tf is not on the path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = np.load(tmp_path / "out.npz", allow_pickle=True)  # string outputs: our own file
+    assert str(out["imported"]) == ""
+
+    def served(signature):
+        prefix = signature + "/"
+        return {k[len(prefix) :]: out[k] for k in out.files if k.startswith(prefix)}
+
+    tensor = served("image_tensor")
+    assert tensor["detection_boxes"].shape == (2, 20, 4)
+    _assert_matches(tensor, 0, _reference(model, odd))
+    _assert_matches(tensor, 1, _reference(model, odd[::-1]))
+    np.testing.assert_array_equal(
+        served("serving_default")["detection_boxes"], tensor["detection_boxes"]
+    )
+    by_bytes = served("image_bytes")
+    for row, image in enumerate(decoded):
+        _assert_matches(by_bytes, row, _reference(model, image))
+        assert (by_bytes["detection_boxes"][row][:, 2:] <= image.shape[:2]).all()
+    examples = served("tf_example")
+    for row in range(2):
+        _assert_matches(examples, row, _reference(model, decoded[row]))
+
+    assert str(out["bad_request"]).startswith("InvalidArgumentError")
+    assert "image" in str(out["bad_request"]).lower()
+    np.testing.assert_array_equal(out["after_bad/num_detections"], by_bytes["num_detections"][:1])
+    labels = json.loads((exported / "assets.extra" / "label_map.json").read_text())
+    assert {int(k): v for k, v in labels.items()} == LABELS
+
+
+def test_saved_model_cli_shows_and_runs_the_export(exported, tmp_path):
+    cli = Path(sys.executable).with_name("saved_model_cli")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    shown = subprocess.run(
+        [cli, "show", "--dir", exported, "--all"], capture_output=True, text=True, env=env
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    for name in ("image_tensor", "image_bytes", "tf_example", "serving_default"):
+        assert f"signature_def['{name}']" in shown.stdout
+    assert "shape: (-1, -1, -1, 3)" in shown.stdout  # any batch, any image size
+    np.save(tmp_path / "image.npy", np.full((1, 30, 70, 3), 128, np.uint8))
+    ran = subprocess.run(
+        [
+            cli,
+            "run",
+            "--dir",
+            exported,
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "image_tensor",
+            "--inputs",
+            f"inputs={tmp_path / 'image.npy'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert "detection_boxes" in ran.stdout and "num_detections" in ran.stdout
+
+
+def test_network_and_decoding_have_static_shapes_past_the_resize(model):
+    detector = Detector(model)
+    fn = tf.function(detector.from_image_bytes).get_concrete_function(
+        tf.TensorSpec([None], tf.string)
+    )
+    assert fn.output_shapes["detection_boxes"].as_list() == [None, 20, 4]
+    network = detector._network.get_concrete_function(tf.TensorSpec([None, 64, 64, 3]))
+    heavy = [
+        op
+        for op in network.graph.get_operations()
+        if op.type in ("Conv2D", "DepthwiseConv2dNative", "MaxPool", "FusedBatchNormV3", "TopKV2")
+    ]
+    assert len(heavy) > 50
+    for op in heavy:
+        assert op.outputs[0].shape[1:].is_fully_defined(), (op.name, op.outputs[0].shape)
+
+
+def test_bad_arguments_are_named(model, tmp_path):
+    with pytest.raises(ValueError, match="png_bytes"):
+        export_saved_model(model, str(tmp_path), input_types=["png_bytes"])
+    with pytest.raises(TypeError, match="uint8"):
+        Detector(model).from_image_tensor(np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_label_maps_from_records_annotations_and_experiments(shapes_dir, shapes_records, tmp_path):
+    from spinenet_tf.training.trainer import DataConfig, ExperimentConfig
+
+    from_json = read_label_map(str(shapes.annotation_path(shapes_dir, "val")))
+    assert from_json == LABELS
+    prefix = shapes_records["train"].split("-*")[0]
+    assert read_label_map(prefix + ".label_map.json") == LABELS
+    config = ExperimentConfig(train=DataConfig(source=shapes_records["train"]))
+    assert label_map_for(config) == LABELS
+    config = ExperimentConfig(train=DataConfig(source=prefix + "-00001-of-00002.tfrecord"))
+    assert label_map_for(config) == LABELS
+    assert label_map_for(ExperimentConfig(synthetic_data_dir=str(shapes_dir))) == LABELS
+    assert label_map_for(ExperimentConfig(train=DataConfig(source="tfds:coco/2017:train"))) == {}
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json"):
+        read_label_map(str(bad))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", [m for m in MODEL_IDS if m != "49S"])
+def test_every_model_id_exports_and_serves(model_id, tmp_path):
+    model = _tiny_model(model_id, size=64)
+    export_saved_model(model, str(tmp_path / "sm"), input_types=["image_bytes"])
+    loaded = tf.saved_model.load(str(tmp_path / "sm"))
+    image = np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8)
+    out = loaded.signatures["serving_default"](inputs=tf.constant([_png(image)]))
+    ref = _reference(model, image)
+    np.testing.assert_array_equal(out["detection_classes"][0], ref["classes"])
+    np.testing.assert_allclose(out["detection_scores"][0], ref["scores"], atol=1e-5)
+    np.testing.assert_allclose(out["detection_boxes"][0], ref["boxes"], atol=2e-3)
