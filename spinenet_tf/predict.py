@@ -8,8 +8,9 @@
 Writes OUTPUT_DIR/<name>.png (each image with its detections drawn) and
 OUTPUT_DIR/detections.json (COCO results: image_id, category_id, bbox [x, y, w, h], score,
 plus file_name and category_name). Image ids come from --annotations (a COCO file listing the
-images) when given, else from numeric file names (COCO's 000000397133.jpg -> 397133), else
-from the image's position. Files that cannot be decoded are reported by name and skipped.
+images) when given, else from numeric file names (COCO's 000000397133.jpg -> 397133; other
+names are numbered on from the largest), or, when numeric names repeat, from the image's
+position. Files that cannot be decoded are reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ def image_ids(files: list[str], annotations: str | None) -> list[int]:
             )
         return [int(by_name[os.path.basename(p)]) for p in files]
     stems = [os.path.splitext(os.path.basename(p))[0] for p in files]
-    if all(s.isdigit() for s in stems) and len(set(stems)) == len(stems):
-        return [int(s) for s in stems]
+    numeric = [int(s) for s in stems if s.isdigit()]
+    if len(set(numeric)) == len(numeric):
+        # Other names are numbered on from the largest numeric one, so ids stay unique.
+        extra = iter(range(max(numeric, default=0) + 1, sys.maxsize))
+        return [int(s) if s.isdigit() else next(extra) for s in stems]
     return list(range(1, len(files) + 1))
 
 

@@ -8,6 +8,7 @@ optimizer built inside the strategy scope before the first step (keras-team/kera
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -438,15 +439,26 @@ def restore_model(model, checkpoint: str) -> str:
             raise ValueError(f"no checkpoint in directory {checkpoint}")
     elif not tf.io.gfile.exists(prefix + ".index"):
         raise ValueError(f"no checkpoint at {checkpoint} (expected {checkpoint}.index)")
-    status = tf.train.Checkpoint(model=model_variables(model)).restore(prefix)
+    # TF logs every unmatched checkpoint value when a failed restore is garbage-collected;
+    # the error below says what matters, so that stays quiet.
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")
+    error = None
     try:
-        status.assert_existing_objects_matched()
-    except AssertionError as e:
+        checkpoint_object = tf.train.Checkpoint(model=model_variables(model))
+        # expect_partial: the optimizer's slots are not wanted here.
+        checkpoint_object.restore(prefix).expect_partial().assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:  # missing variables / shape mismatches
+        error = str(e)[:500]
+    finally:
+        checkpoint_object = None
+        gc.collect()
+        logger.setLevel(level)
+    if error:
         raise ValueError(
             f"checkpoint {prefix} does not fit this model (another model_id, size or "
-            f"overrides?): {str(e)[:500]}"
-        ) from None
-    status.expect_partial()  # the optimizer's slots are not wanted here
+            f"overrides?): {error}"
+        )
     return prefix
 
 
