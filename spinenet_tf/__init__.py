@@ -2,6 +2,7 @@
 
 from spinenet_tf.models.retinanet import RetinaNet, build_retinanet
 from spinenet_tf.models.spinenet import SpineNet, build_backbone
+from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.specs import MODEL_IDS, BlockSpec, get_scaling
 
 __version__ = "0.1.0"
@@ -13,6 +14,7 @@ __all__ = [
     "SpineNet",
     "build_backbone",
     "build_retinanet",
+    "export_saved_model",
     "get_scaling",
     "__version__",
 ]

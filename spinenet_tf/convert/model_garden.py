@@ -158,7 +158,7 @@ def build_model_garden_backbone(
     )
 
 
-def build_model_garden_retinanet(
+def model_garden_retinanet_config(
     model_id: str,
     num_classes: int,
     image_size: int,
@@ -166,17 +166,15 @@ def build_model_garden_retinanet(
     head_num_filters: int | None = None,
     **detection,
 ):
-    """Model Garden's RetinaNet for one of our model ids, configured like ours.
+    """Model Garden's RetinaNet model config for one of our model ids, configured like ours.
 
     `detection` overrides fields of Model Garden's DetectionGenerator config
     (pre_nms_top_k, pre_nms_score_threshold, nms_iou_threshold, max_num_detections, ...).
     """
-    import tf_keras
     from official.vision.configs import backbones as mg_backbones
     from official.vision.configs import common as mg_common
     from official.vision.configs import decoders as mg_decoders
     from official.vision.configs import retinanet as mg_retinanet
-    from official.vision.modeling import factory as mg_factory
 
     scaling = specs_lib.get_scaling(model_id)
     if scaling.family == "mobile":
@@ -188,7 +186,7 @@ def build_model_garden_retinanet(
         backbone = mg_backbones.Backbone(
             type="spinenet", spinenet=mg_backbones.SpineNet(model_id=model_id)
         )
-    config = mg_retinanet.RetinaNet(
+    return mg_retinanet.RetinaNet(
         num_classes=num_classes,
         input_size=[image_size, image_size, 3],
         anchor=mg_retinanet.Anchor(
@@ -204,6 +202,15 @@ def build_model_garden_retinanet(
         detection_generator=mg_retinanet.DetectionGenerator(**detection),
         norm_activation=mg_common.NormActivation(activation=scaling.activation),
     )
+
+
+def build_model_garden_retinanet(model_id: str, num_classes: int, image_size: int, **kwargs):
+    """Model Garden's RetinaNet for one of our model ids, configured like ours (`kwargs`: see
+    `model_garden_retinanet_config`)."""
+    import tf_keras
+    from official.vision.modeling import factory as mg_factory
+
+    config = model_garden_retinanet_config(model_id, num_classes, image_size, **kwargs)
     input_specs = tf_keras.layers.InputSpec(shape=[None, image_size, image_size, 3])
     model = mg_factory.build_retinanet(input_specs, config)
     # The head creates its variables on the first call, in forward order.
