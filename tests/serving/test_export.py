@@ -262,3 +262,14 @@ def test_every_model_id_exports_and_serves(model_id, tmp_path):
     np.testing.assert_array_equal(out["detection_classes"][0], ref["classes"])
     np.testing.assert_allclose(out["detection_scores"][0], ref["scores"], atol=1e-5)
     np.testing.assert_allclose(out["detection_boxes"][0], ref["boxes"], atol=2e-3)
+
+
+@pytest.mark.slow
+def test_xla_compiled_export_serves_the_same_detections(model, exported, tmp_path):
+    export_saved_model(model, str(tmp_path / "xla"), input_types=["image_tensor"], jit_compile=True)
+    image = tf.constant(np.random.default_rng(2).integers(0, 255, (2, 48, 80, 3), dtype=np.uint8))
+    plain = tf.saved_model.load(str(exported)).signatures["image_tensor"](inputs=image)
+    xla = tf.saved_model.load(str(tmp_path / "xla")).signatures["image_tensor"](inputs=image)
+    np.testing.assert_array_equal(xla["num_detections"], plain["num_detections"])
+    np.testing.assert_allclose(xla["detection_scores"], plain["detection_scores"], atol=1e-4)
+    np.testing.assert_allclose(xla["detection_boxes"], plain["detection_boxes"], atol=0.05)
