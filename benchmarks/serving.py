@@ -175,7 +175,8 @@ def main():
     )
     with tempfile.TemporaryDirectory() as workdir:
         rows = {
-            m: bench(m, args.image_size, args.iters, workdir) for m in args.model_ids.split(",")
+            m: bench(m, args.image_size, args.iters, args.candidates, workdir)
+            for m in args.model_ids.split(",")
         }
     print(
         "\n| model | MG SavedModel | ours SavedModel | MG / ours | detections MG / ours | "
