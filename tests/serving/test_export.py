@@ -273,3 +273,23 @@ def test_xla_compiled_export_serves_the_same_detections(model, exported, tmp_pat
     np.testing.assert_array_equal(xla["num_detections"], plain["num_detections"])
     np.testing.assert_allclose(xla["detection_scores"], plain["detection_scores"], atol=1e-4)
     np.testing.assert_allclose(xla["detection_boxes"], plain["detection_boxes"], atol=0.05)
+
+
+@pytest.mark.slow
+def test_bfloat16_export_is_close_to_float32(model, exported, tmp_path):
+    import keras
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        half = _tiny_model()
+    finally:
+        keras.config.set_dtype_policy("float32")
+    half.set_weights(model.get_weights())
+    export_saved_model(half, str(tmp_path / "bf16"), input_types=["image_tensor"])
+    image = tf.constant(np.random.default_rng(3).integers(0, 255, (1, 48, 80, 3), dtype=np.uint8))
+    full = tf.saved_model.load(str(exported)).signatures["image_tensor"](inputs=image)
+    out = tf.saved_model.load(str(tmp_path / "bf16")).signatures["image_tensor"](inputs=image)
+    assert out["detection_scores"].dtype == tf.float32
+    np.testing.assert_allclose(
+        np.sort(out["detection_scores"][0]), np.sort(full["detection_scores"][0]), atol=0.02
+    )
