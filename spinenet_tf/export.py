@@ -24,7 +24,7 @@ flags.DEFINE_list("input_types", list(INPUT_TYPES), f"Signatures, from {INPUT_TY
 flags.DEFINE_float("score_threshold", None, "Override the model's decoding score threshold.")
 flags.DEFINE_integer("max_detections", None, "Override the model's detections per image.")
 flags.DEFINE_bool("jit_compile", False, "Compile network and decoding with XLA.")
-flags.mark_flags_as_required(["gin_file", "checkpoint", "export_dir"])
+flags.mark_flags_as_required(["checkpoint", "export_dir"])
 FLAGS = flags.FLAGS
 
 
