@@ -24,6 +24,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from spinenet_tf.serving import cli
+from spinenet_tf.serving.label_map import read_label_map
 from spinenet_tf.serving.visualize import draw_detections
 
 flags.DEFINE_string("saved_model", None, "A SavedModel from spinenet_tf.export.")
@@ -59,12 +60,8 @@ def saved_model_runner(path: str):
             f"{path} has neither an image_bytes nor an image_tensor signature "
             f"(it has {sorted(loaded.signatures)})"
         )
-    label_map = {}
     labels = os.path.join(path, "assets.extra", "label_map.json")
-    if tf.io.gfile.exists(labels):
-        with tf.io.gfile.GFile(labels) as f:
-            label_map = {int(k): v for k, v in json.load(f).items()}
-    return run, label_map
+    return run, read_label_map(labels) if tf.io.gfile.exists(labels) else {}
 
 
 def checkpoint_runner(flag_values):

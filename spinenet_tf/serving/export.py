@@ -119,15 +119,15 @@ class Detector:
         det = self._network(padded)
         scale = tf.tile(info[:, 2], [1, 2])[:, None, :]
         limit = tf.tile(info[:, 0], [1, 2])[:, None, :]
-        valid = tf.range(tf.shape(det["scores"])[1])[None, :] < det["num_detections"][:, None]
-        boxes = tf.clip_by_value(det["boxes"] / scale, 0.0, limit)
         out = {
             "num_detections": det["num_detections"],
-            "detection_boxes": boxes * tf.cast(valid, tf.float32)[..., None],
+            # Rows past num_detections are zero from decoding and stay zero here.
+            "detection_boxes": tf.clip_by_value(det["boxes"] / scale, 0.0, limit),
             "detection_scores": det["scores"],
             "detection_classes": det["classes"],
         }
         if self.names is not None:
+            valid = tf.range(tf.shape(det["scores"])[1])[None, :] < det["num_detections"][:, None]
             names = self.names.lookup(det["classes"])
             out["detection_class_names"] = tf.where(valid, names, "")
         return out
