@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from spinenet_tf.layers.norm import BatchNorm
@@ -116,7 +117,14 @@ class ConvSettings:
 
 
 class StochasticDepth(keras.layers.Layer):
-    """Drops the residual branch per example with probability `rate` (Huang et al. 2016)."""
+    """Drops the residual branch per example with probability `rate` (Huang et al. 2016).
+
+    Each replica draws its own masks: the seed generator's state is mirrored across replicas,
+    so the replica id is folded into each draw (otherwise every replica would drop the same
+    blocks of the same examples, and a pod of R replicas would make 1/R of the independent
+    decisions). The noise is float32 whatever the compute dtype: bfloat16 uniforms are too
+    coarse for an exact keep rate.
+    """
 
     def __init__(self, rate: float = 0.0, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -134,9 +142,13 @@ class StochasticDepth(keras.layers.Layer):
             return x
         keep = 1.0 - self.rate
         shape = (ops.shape(x)[0],) + (1,) * (len(x.shape) - 1)
-        noise = keras.random.uniform(shape, dtype=x.dtype, seed=self.seed_generator)
-        mask = ops.floor(keep + noise)
-        return x / ops.cast(keep, x.dtype) * mask
+        seed = tf.cast(self.seed_generator.next(), tf.int64)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, context.replica_id_in_sync_group)
+        noise = tf.random.stateless_uniform(shape, seed, dtype=tf.float32)
+        mask = ops.cast(ops.floor(keep + noise) / keep, x.dtype)
+        return x * mask
 
     def get_config(self):
         return {**super().get_config(), "rate": self.rate, "seed": self.seed}

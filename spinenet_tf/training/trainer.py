@@ -25,6 +25,7 @@ from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.models.retinanet import build_retinanet
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.coco_eval import CocoEvaluator
+from spinenet_tf.training.optimizers import SGD
 from spinenet_tf.training.schedules import WarmupSchedule
 
 log = logging.getLogger("spinenet_tf")
@@ -153,9 +154,7 @@ class Trainer:
             c.boundaries,
             c.multipliers,
         )
-        optimizer = keras.optimizers.SGD(
-            schedule, momentum=c.momentum, global_clipnorm=c.global_clipnorm
-        )
+        optimizer = SGD(schedule, momentum=c.momentum, global_clipnorm=c.global_clipnorm)
         if self.config.dtype_policy == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         return optimizer

@@ -1,0 +1,43 @@
+"""The optimizer: SGD with momentum whose gradient clipping sees the global gradient."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="spinenet_tf")
+class SGD(keras.optimizers.SGD):
+    """keras.optimizers.SGD whose `global_clipnorm` clips the all-reduced gradient.
+
+    Keras 3 clips each replica's gradient before summing the replicas' gradients
+    (keras/src/optimizers/base_optimizer.py clips, then the TF backend all-reduces), so a
+    threshold meant for the global gradient would act on 1/R shares of it and mean something
+    different on 1, 8 or 256 replicas. Here the sum comes first, then the clip, so a run
+    behaves the same on any replica count. (tensorflow/tpu's CrossShardOptimizer also clipped
+    the local 1/R shares: its threshold was replica-count dependent in the same way.)
+    """
+
+    def __init__(self, *args, global_clipnorm: float | None = None, **kwargs):
+        if kwargs.get("clipnorm") or kwargs.get("clipvalue"):
+            raise ValueError("only global_clipnorm is supported; clipnorm / clipvalue are not")
+        super().__init__(*args, **kwargs)
+        self.global_clipnorm_after_reduce = global_clipnorm
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        variables = [getattr(v, "value", v) for v in trainable_variables]
+        grads_and_vars = self._all_reduce_sum_gradients(list(zip(grads, variables, strict=True)))
+        if self.global_clipnorm_after_reduce:
+            clipped, _ = tf.clip_by_global_norm(
+                [g for g, _ in grads_and_vars], self.global_clipnorm_after_reduce
+            )
+            grads_and_vars = list(zip(clipped, [v for _, v in grads_and_vars], strict=True))
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            self._distributed_tf_update_step,
+            self._distribution_strategy,
+            grads_and_vars,
+            learning_rate,
+        )
+
+    def get_config(self):
+        return {**super().get_config(), "global_clipnorm": self.global_clipnorm_after_reduce}

@@ -1,0 +1,46 @@
+"""SGD: gradient clipping on the global gradient, the same on 1 or 2 replicas."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from spinenet_tf.training.optimizers import SGD
+
+
+def _train_step(strategy, parts, **kwargs):
+    with strategy.scope():
+        w = keras.Variable(np.zeros(3, "float32"))
+        optimizer = SGD(learning_rate=1.0, **kwargs)
+        optimizer.build([w])
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(x * w)
+        optimizer.apply(tape.gradient(loss, [w]), [w])
+
+    @tf.function
+    def run():
+        inputs = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(parts[ctx.replica_id_in_sync_group])
+        )
+        strategy.run(step, args=(inputs,))
+
+    run()
+    return w.numpy()
+
+
+def test_global_clipnorm_clips_the_all_reduced_gradient(mirrored):
+    # The global gradient is (3, 4, 0), of norm 5: clipped to norm 1 it is (0.6, 0.8, 0).
+    # Clipping each replica's share first, as Keras does, would give (1, 1, 0).
+    parts = [np.array([[3.0, 0.0, 0.0]], "float32"), np.array([[0.0, 4.0, 0.0]], "float32")]
+    one = _train_step(tf.distribute.get_strategy(), [np.concatenate(parts)], global_clipnorm=1.0)
+    two = _train_step(mirrored, parts, global_clipnorm=1.0)
+    np.testing.assert_allclose(one, [-0.6, -0.8, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(two, one, rtol=1e-6)
+    unclipped = _train_step(mirrored, parts)
+    np.testing.assert_allclose(unclipped, [-3.0, -4.0, 0.0])
+    config = SGD(learning_rate=0.1, global_clipnorm=2.0).get_config()
+    assert SGD.from_config(config).global_clipnorm_after_reduce == 2.0
+    with pytest.raises(ValueError, match="only global_clipnorm"):
+        SGD(clipnorm=1.0)
