@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow --dist loadgroup
 
 lint: $(STAMP)
 	$(PY) -m ruff check spinenet_tf tests benchmarks

@@ -5,9 +5,10 @@
 
 For each model id, under each dtype policy (both sides built under it; mixed_bfloat16 computes
 in bfloat16 with float32 variables, as on TPUs; our decoding always runs in float32):
-- end-to-end inference at batch 1 (image in, at most 100 detections out, Model Garden's
-  default decoding settings on both sides), without and with XLA; for ours also with the
-  CPU NMS kernel (nms="combined");
+- end-to-end inference at batch 1 (image in, at most 100 detections out, each side's default
+  decoding: score threshold 0.05, class-aware NMS at IoU 0.5; pre-NMS selection top 1000 per
+  level for ours, top 5000 per class for Model Garden's), without and with XLA; for ours also
+  with the CPU NMS kernel (nms="combined");
 - in float32, a training step at batch 2 (forward, the same focal + Huber loss on precomputed
   targets, backward, SGD with momentum).
 Prints median seconds and ratios Model Garden / ours (above 1: ours is faster), comparing

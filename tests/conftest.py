@@ -28,7 +28,10 @@ TINY_MOBILE = dict(filter_size_scale=0.5, endpoints_num_filters=8)
 
 @pytest.fixture(autouse=True)
 def _float32_policy():
-    """Every test starts and ends with the default dtype policy."""
+    """Every test starts and ends with the default dtype policy, and with every random
+    generator (Python, NumPy, TensorFlow, Keras) seeded: weights drawn by initialisers, ours
+    and Model Garden's, are the same in every run."""
+    keras.utils.set_random_seed(0)
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")

@@ -19,6 +19,7 @@ NUM_TRAIN, NUM_VAL = 8, 6
 """
 
 
+@pytest.mark.slow  # a Jupyter kernel training a model: about a minute
 def test_quickstart_notebook_executes(tmp_path):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -53,15 +53,17 @@ def resize_and_crop(
     output_size,
     scale_range=(1.0, 1.0),
     seed=None,
-    min_box_size: float = 1.0,
+    keep_empty_boxes: bool = False,
 ) -> dict:
     """Scale jitter and random crop (Model Garden's resize_and_crop_image, with its meaning of
     jitter: the image is fitted into output_size * s for s drawn from scale_range, then a
     random window of at most output_size is cut out).
 
     The image stays unpadded (at most output_size) and becomes float32. Boxes become pixels of
-    the output frame, clipped to the window; boxes left narrower than min_box_size pixels are
-    dropped with their instances. `image_info` = [[h, w], [out_h, out_w], [scale_y, scale_x],
+    the output frame, clipped to the window; boxes left without area (cropped away, or zero
+    height or width) are dropped with their instances, unless keep_empty_boxes (evaluation),
+    and any box of positive area is kept, sub-pixel ones included (as Model Garden).
+    `image_info` = [[h, w], [out_h, out_w], [scale_y, scale_x],
     [offset_y, offset_x]].
     """
     out_h, out_w = output_size
@@ -107,8 +109,9 @@ def resize_and_crop(
     boxes = tf.clip_by_value(boxes, 0.0, tf.tile(window_f, [2]))
     out = dict(d, image=image, boxes=boxes)
     out["image_info"] = tf.stack([hw, tf.constant([out_h, out_w], tf.float32), scale_yx, offset_f])
-    wide = (boxes[:, 2] - boxes[:, 0] >= min_box_size) & (boxes[:, 3] - boxes[:, 1] >= min_box_size)
-    return _keep_instances(out, wide)
+    if keep_empty_boxes:
+        return out
+    return _keep_instances(out, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
 
 
 def keep_first_instances(d: dict, n: int) -> dict:

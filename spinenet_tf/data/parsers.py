@@ -48,7 +48,7 @@ def detection_parser(
             scale_range if training else (1.0, 1.0),
             seed,
             # Evaluation keeps every box; COCO scores against all of them.
-            min_box_size=1.0 if training else 0.0,
+            keep_empty_boxes=not training,
         )
         d = ops.normalize_image(d)
         d = ops.pad_image(d, image_size)

@@ -71,14 +71,20 @@ class RetinaNetHead(keras.layers.Layer):
     def _conv(self, filters, stddev, name, bias=0.0):
         bias_init = keras.initializers.Constant(bias)
         if self.use_separable_conv:
+            # As Model Garden's RetinaNetHead: the predictors' separable kernels are drawn
+            # from N(0, 0.03) and regularised; the towers' keep Keras's defaults (Glorot
+            # uniform, no regulariser).
+            predictor = name in ("classifier", "box_predictor")
+            kwargs = {}
+            if predictor:
+                kwargs = dict(
+                    depthwise_initializer=keras.initializers.RandomNormal(stddev=0.03),
+                    pointwise_initializer=keras.initializers.RandomNormal(stddev=0.03),
+                    depthwise_regularizer=self.settings.regularizer(),
+                    pointwise_regularizer=self.settings.regularizer(),
+                )
             return keras.layers.SeparableConv2D(
-                filters,
-                3,
-                padding="same",
-                depthwise_initializer=keras.initializers.RandomNormal(stddev=0.03),
-                pointwise_initializer=keras.initializers.RandomNormal(stddev=0.03),
-                bias_initializer=bias_init,
-                name=name,
+                filters, 3, padding="same", bias_initializer=bias_init, name=name, **kwargs
             )
         return keras.layers.Conv2D(
             filters,

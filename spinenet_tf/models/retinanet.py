@@ -34,7 +34,10 @@ class RetinaNet(keras.Model):
     Training (`compile` + `fit`) takes y as either the targets of
     `spinenet_tf.ops.targets.build_targets` (the input pipeline's job on TPUs) or padded
     ground truth {"boxes": [B, M, 4] in input pixels, "classes": [B, M] (-1 pads),
-    optionally "is_crowd": [B, M]}, matched to anchors in the graph.
+    optionally "is_crowd": [B, M]}, matched to anchors in the graph. Matching follows
+    SpineNet's own code (see `spinenet_tf.ops.targets.build_targets`): positive at IoU >=
+    `match_iou`, negative below `unmatched_iou` (both 0.5: no ignore band; the RetinaNet
+    paper's band is unmatched_iou=0.4), crowd boxes dropped unless `crowd_ignore_ioa` is set.
     """
 
     def __init__(
@@ -48,11 +51,13 @@ class RetinaNet(keras.Model):
         head_separable: bool = False,
         prior_prob: float = 0.01,
         match_iou: float = 0.5,
-        unmatched_iou: float = 0.4,
+        unmatched_iou: float = 0.5,
+        crowd_ignore_ioa: float | None = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 1.5,
         huber_delta: float = 0.1,
         box_loss_weight: float = 50.0,
+        train_background: bool = False,
         detection: DetectionConfig | dict | None = None,
         **kwargs,
     ):
@@ -146,6 +151,7 @@ class RetinaNet(keras.Model):
             "is_crowd": y.get("is_crowd"),
             "match_iou": c["match_iou"],
             "unmatched_iou": c["unmatched_iou"],
+            "crowd_ignore_ioa": c["crowd_ignore_ioa"],
         }
 
     def losses_from(self, y, y_pred, normalizer=None) -> dict:
@@ -160,6 +166,7 @@ class RetinaNet(keras.Model):
             huber_delta=c["huber_delta"],
             box_loss_weight=c["box_loss_weight"],
             normalizer=normalizer,
+            train_background=c["train_background"],
         )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -168,8 +175,9 @@ class RetinaNet(keras.Model):
             loss = loss + ops.cast(ops.sum(self.losses), loss.dtype)
         return loss
 
-    def detect(self, outputs) -> dict:
-        """Decodes raw outputs (of `self(images)`) into detections."""
+    def detect(self, outputs, valid_hw=None) -> dict:
+        """Decodes raw outputs (of `self(images)`) into detections; `valid_hw` [B, 2] is the
+        size of each image inside the padded input (boxes are clipped to it before NMS)."""
         return generate_detections(
             outputs["class_logits"],
             outputs["box_deltas"],
@@ -177,6 +185,7 @@ class RetinaNet(keras.Model):
             self.level_sizes,
             self.image_size,
             self.detection_config,
+            valid_hw=valid_hw,
         )
 
     def predict_step(self, data):
@@ -227,16 +236,24 @@ _RETINANET_ARGS = set(inspect.signature(RetinaNet.__init__).parameters) - {
 }
 
 
-def build_retinanet(model_id: str, num_classes: int, image_size=None, **overrides) -> RetinaNet:
+def build_retinanet(
+    model_id: str,
+    num_classes: int,
+    image_size=None,
+    weight_decay: float = WEIGHT_DECAY,
+    **overrides,
+) -> RetinaNet:
     """Builds RetinaNet-SpineNet `model_id` with its paper / Model Garden head and anchors.
 
     `image_size` defaults to the paper's size for the model id; `overrides` may hold
     RetinaNet arguments (head_num_filters, detection, ...) and backbone arguments
-    (activation, init_stochastic_depth_rate, ...). Convolution kernels get the paper's weight
-    decay of 4e-5 unless `kernel_regularizer` says otherwise: L2(2e-5), whose gradient is
-    4e-5 * w (Model Garden's l2(weight_decay / 2)).
+    (activation, init_stochastic_depth_rate, ...). Convolution kernels get `weight_decay`
+    (the paper's 4e-5; the SpineNet-Mobile recipes use 3e-5) as L2(weight_decay / 2), whose
+    gradient is weight_decay * w (Model Garden's l2(weight_decay / 2)), unless
+    `kernel_regularizer` is given.
     """
-    overrides.setdefault("kernel_regularizer", keras.regularizers.L2(WEIGHT_DECAY / 2))
+    if weight_decay:
+        overrides.setdefault("kernel_regularizer", keras.regularizers.L2(weight_decay / 2))
     scaling = specs_lib.get_scaling(model_id)
     image_size = _hw(image_size or specs_lib.PAPER_IMAGE_SIZES[scaling.model_id])
     head_args = {k: overrides.pop(k) for k in list(overrides) if k in _RETINANET_ARGS}

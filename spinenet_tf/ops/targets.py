@@ -24,21 +24,32 @@ def build_targets(
     gt_classes,
     is_crowd=None,
     match_iou: float = 0.5,
-    unmatched_iou: float = 0.4,
+    unmatched_iou: float = 0.5,
     force_match: bool = True,
+    crowd_ignore_ioa: float | None = None,
 ) -> dict:
     """Matches anchors to ground truth and encodes the training targets.
+
+    The defaults are those SpineNet was trained with (tensorflow/tpu and Model Garden's
+    RetinaNet configs): positive at IoU >= 0.5, negative below, no ignore band, each box's
+    best anchor forced positive, crowd boxes dropped. RetinaNet's paper (Lin et al.) has an
+    ignore band: unmatched_iou=0.4.
 
     Args:
         anchors: [N, 4] (ymin, xmin, ymax, xmax) in pixels.
         gt_boxes: [..., M, 4] in the same frame; rows of class PADDING are ignored.
         gt_classes: [..., M] int class ids (>= 1), PADDING for padding.
-        is_crowd: optional [..., M] bool; anchors overlapping a crowd box by at least
-            `unmatched_iou` are ignored, never negatives, and crowd boxes are never matched.
+        is_crowd: optional [..., M] bool. Crowd boxes are never matched; by default that is
+            all (as in the reference code, which drops them), and the anchors over them are
+            negatives like any other.
         match_iou: IoU at or above which an anchor is positive.
         unmatched_iou: IoU below which an anchor is negative; in between it is ignored.
-        force_match: also make each box's best anchor positive, so small or oddly shaped
-            boxes get a positive anchor (Model Garden's force_match_for_each_col).
+        force_match: make each box's best anchor positive for that box, whatever its IoU and
+            whichever box the anchor matched otherwise; when boxes share a best anchor, the
+            first box gets it (Model Garden's BoxMatcher, force_match_for_each_col).
+        crowd_ignore_ioa: when set, a non-positive anchor that lies inside a crowd box by at
+            least this fraction of its own area (intersection over anchor area, as in
+            Detectron; IoU against a large crowd box is tiny for small anchors) is ignored.
 
     Returns:
         cls_targets [..., N] int (0 for background), box_targets [..., N, 4] (zero where not
@@ -46,7 +57,14 @@ def build_targets(
         box_weights [..., N] (1 for positives).
     """
     matches = match_anchors(
-        anchors, gt_boxes, gt_classes, is_crowd, match_iou, unmatched_iou, force_match
+        anchors,
+        gt_boxes,
+        gt_classes,
+        is_crowd,
+        match_iou,
+        unmatched_iou,
+        force_match,
+        crowd_ignore_ioa,
     )
     return targets_from_matches(matches, anchors, gt_boxes, gt_classes)
 
@@ -57,8 +75,9 @@ def match_anchors(
     gt_classes,
     is_crowd=None,
     match_iou: float = 0.5,
-    unmatched_iou: float = 0.4,
+    unmatched_iou: float = 0.5,
     force_match: bool = True,
+    crowd_ignore_ioa: float | None = None,
 ):
     """The matching half of `build_targets`: [..., N] int32, the index of each anchor's box,
     or NEGATIVE, or IGNORED. Compact (4 bytes an anchor instead of 28), so an input pipeline
@@ -76,7 +95,9 @@ def match_anchors(
     # [..., M, N]: ground truth on the second-last axis, anchors on the last. With few boxes
     # and ~10^5 anchors this keeps the long axis innermost (vectorised), and anchor-only
     # terms are computed once, in numpy, when anchors are numpy (the input pipeline's case).
-    iou = _gt_anchor_iou(gt_boxes, anchors)
+    inter, a_area = _gt_anchor_intersection(gt_boxes, anchors)
+    union = box_area(gt_boxes)[..., :, None] + a_area - inter
+    iou = tf.where(union > 0.0, inter / tf.maximum(union, 1e-8), 0.0)
     iou_match = tf.where(matchable[..., :, None], iou, -1.0)
     best_iou = tf.reduce_max(iou_match, axis=-2)  # [..., N]
     best_gt = tf.argmax(iou_match, axis=-2, output_type=tf.int32)
@@ -84,18 +105,18 @@ def match_anchors(
     if force_match:
         num_anchors = anchors.shape[0]
         best_anchor = tf.argmax(iou_match, axis=-1, output_type=tf.int32)  # [..., M]
-        has_overlap = tf.reduce_max(iou_match, axis=-1) > 0.0
         # [..., M, N]: True at each matchable box's best anchor.
         forced = tf.one_hot(best_anchor, num_anchors, on_value=True, off_value=False)
-        forced &= (matchable & has_overlap)[..., :, None]
-        forced_gt = tf.argmax(tf.where(forced, iou, -1.0), axis=-2, output_type=tf.int32)
+        forced &= matchable[..., :, None]
+        forced_gt = tf.argmax(tf.cast(forced, tf.int32), axis=-2, output_type=tf.int32)
         forced_any = tf.reduce_any(forced, axis=-2)
-        best_gt = tf.where(forced_any & ~positive, forced_gt, best_gt)
+        best_gt = tf.where(forced_any, forced_gt, best_gt)
         positive |= forced_any
     negative = (best_iou < unmatched_iou) & ~positive
-    if is_crowd is not None:
-        crowd_iou = tf.reduce_max(tf.where((valid & crowd)[..., :, None], iou, 0.0), axis=-2)
-        negative &= crowd_iou < unmatched_iou
+    if crowd_ignore_ioa is not None and is_crowd is not None:
+        ioa = inter / tf.maximum(a_area, 1e-8)
+        crowd_ioa = tf.reduce_max(tf.where((valid & crowd)[..., :, None], ioa, 0.0), axis=-2)
+        negative &= crowd_ioa < crowd_ignore_ioa
 
     return tf.where(positive, best_gt, tf.where(negative, NEGATIVE, IGNORED))
 
@@ -120,17 +141,15 @@ def targets_from_matches(matches, anchors, gt_boxes, gt_classes) -> dict:
     }
 
 
-def _gt_anchor_iou(gt_boxes, anchors):
-    """IoU [..., M, N] of gt_boxes [..., M, 4] with anchors [N, 4]."""
+def _gt_anchor_intersection(gt_boxes, anchors):
+    """Intersection areas [..., M, N] of gt_boxes [..., M, 4] with anchors [N, 4], and the
+    anchors' areas [N]."""
     a_ymin, a_xmin, a_ymax, a_xmax = (anchors[:, i] for i in range(4))
     a_area = (a_ymax - a_ymin) * (a_xmax - a_xmin)
     g = gt_boxes[..., :, None, :]
     inter_h = tf.maximum(tf.minimum(g[..., 2], a_ymax) - tf.maximum(g[..., 0], a_ymin), 0.0)
     inter_w = tf.maximum(tf.minimum(g[..., 3], a_xmax) - tf.maximum(g[..., 1], a_xmin), 0.0)
-    inter = inter_h * inter_w
-    g_area = box_area(gt_boxes)[..., :, None]
-    union = g_area + a_area - inter
-    return tf.where(union > 0.0, inter / tf.maximum(union, 1e-8), 0.0)
+    return inter_h * inter_w, a_area
 
 
 def retinanet_losses(
@@ -142,6 +161,7 @@ def retinanet_losses(
     huber_delta: float = 0.1,
     box_loss_weight: float = 50.0,
     normalizer=None,
+    train_background: bool = False,
 ) -> dict:
     """Focal loss + weighted Huber loss, each summed and divided by (positives + 1).
 
@@ -149,17 +169,22 @@ def retinanet_losses(
     global count, so the replicas' losses sum to the loss of the whole global batch.
 
     class_logits [B, N, K], box_deltas [B, N, 4]. Channel 0 (background) is left out of the
-    focal loss: as in the paper, a negative anchor is one whose K - 1 class probabilities
-    are all pushed to zero. (Model Garden one-hot-trains channel 0 as a class instead; the
-    channel is kept so weights and parameter counts stay interchangeable.)
+    focal loss by default: as in the paper (K - 1 sigmoid outputs), a negative anchor is one
+    whose K - 1 class probabilities are all pushed to zero. tensorflow/tpu and Model Garden
+    keep channel 0 in the loss as a sigmoid that is never positive (their negatives are an
+    all-zero one-hot); `train_background=True` does the same. Either way channel 0 is never
+    detected, and the channel is kept so weights and parameter counts stay interchangeable.
     """
-    class_logits = tf.cast(class_logits, tf.float32)[..., 1:]
+    first = 0 if train_background else 1
+    class_logits = tf.cast(class_logits, tf.float32)[..., first:]
     box_deltas = tf.cast(box_deltas, tf.float32)
     num_classes = class_logits.shape[-1]
     if normalizer is None:
         normalizer = tf.reduce_sum(targets["box_weights"]) + 1.0
     num_positives = tf.cast(normalizer, tf.float32)
-    labels = tf.one_hot(targets["cls_targets"] - 1, num_classes)  # background -> all zeros
+    # Background (class 0) and negatives become an all-zero row.
+    labels = tf.one_hot(targets["cls_targets"] - first, num_classes)
+    labels *= tf.cast(targets["cls_targets"] > BACKGROUND, tf.float32)[..., None]
     # Keras averages over the class axis; the focal loss sums over it.
     focal = (
         keras.losses.binary_focal_crossentropy(

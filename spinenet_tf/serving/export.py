@@ -10,6 +10,7 @@ import keras
 import tensorflow as tf
 
 from spinenet_tf.data import ops
+from spinenet_tf.ops.boxes import scaled_image_hw
 
 INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
 # The one input of every signature is named as Model Garden names it, so clients of a
@@ -110,13 +111,13 @@ class Detector:
         info = tf.stack([hw, out, scale_yx, tf.zeros([2])])
         return padded, tf.tile(info[None], [tf.shape(images)[0], 1, 1])
 
-    def _network_and_decode(self, images):
+    def _network_and_decode(self, images, valid_hw):
         # Keras casts the float32 input to the model's compute dtype (bfloat16 or float16
         # under a mixed policy); decoding casts back to float32.
-        return self.model.detect(self.model(images, training=False))
+        return self.model.detect(self.model(images, training=False), valid_hw)
 
     def _finish(self, padded, info) -> dict:
-        det = self._network(padded)
+        det = self._network(padded, scaled_image_hw(info))
         scale = tf.tile(info[:, 2], [1, 2])[:, None, :]
         limit = tf.tile(info[:, 0], [1, 2])[:, None, :]
         out = {

@@ -23,6 +23,7 @@ import tensorflow as tf
 from spinenet_tf.data.dataset import TFDSSource, make_dataset
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.models.retinanet import build_retinanet
+from spinenet_tf.ops.boxes import scaled_image_hw
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.coco_eval import CocoEvaluator
 from spinenet_tf.training.optimizers import SGD
@@ -78,7 +79,9 @@ class ExperimentConfig:
     eval_steps: int | None = None  # None: the whole evaluation split
     dtype_policy: str = "float32"  # mixed_bfloat16 on TPU, mixed_float16 on GPU
     jit_compile: bool = False
-    sync_batch_norm: bool = False  # batch statistics across replicas (TPU, multi-GPU)
+    # Batch statistics over the global batch, so any replica count gives the same run (with
+    # one replica it is plain, fused batch norm). False: each replica's own statistics.
+    sync_batch_norm: bool = True
     seed: int | None = None
     # Fixed input order and augmentation, TF op determinism (process-wide), and resumption
     # that replays the input: a resumed run ends with an uninterrupted run's weights. Not
@@ -331,7 +334,8 @@ class Trainer:
         model, strategy = self.model, self.strategy
 
         def replica_step(images, groundtruth):
-            return model.detect(model(images, training=False)), groundtruth
+            valid_hw = scaled_image_hw(groundtruth["image_info"])
+            return model.detect(model(images, training=False), valid_hw), groundtruth
 
         replica_step = tf.function(replica_step, jit_compile=self.config.jit_compile)
 
@@ -401,8 +405,7 @@ def _draw_batch(strategy, images, detections, groundtruth) -> list:
     for i, source_id in enumerate(groundtruth["source_id"].numpy().tolist()):
         if source_id < 0:
             continue
-        info = groundtruth["image_info"][i].numpy()
-        h, w = np.minimum(np.round(info[0] * info[2]), info[1]).astype(int)
+        h, w = scaled_image_hw(groundtruth["image_info"][i]).numpy().astype(int)
         one = {k: v[i].numpy() for k, v in detections.items()}
         out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
     return out

@@ -141,8 +141,7 @@ def _check_retinanet_parity(model_id, rng, detections=True):
 
     size, num_classes = 128, 5
     # Model Garden's generator keeps its top 5000 per class (every anchor of this small
-    # image); ours keeps its top-k per level over (anchor, class) pairs, so a k above the
-    # 16 * 16 * 9 * 4 pairs of level 3 makes both see every candidate.
+    # image); so does ours with its per-class selection.
     source = build_model_garden_retinanet(model_id, num_classes, size, pre_nms_top_k=5000)
     randomize_batch_norm_stats(source, rng)
     for v in source.head.variables:
@@ -154,7 +153,10 @@ def _check_retinanet_parity(model_id, rng, detections=True):
         elif "boxes" in v.name and "kernel" in v.name:
             v.assign(rng.normal(0.0, 0.02, v.shape).astype("float32"))
     target = build_retinanet(
-        model_id, num_classes, size, detection=DetectionConfig(pre_nms_top_k=20000)
+        model_id,
+        num_classes,
+        size,
+        detection=DetectionConfig(pre_nms="per_class", pre_nms_top_k=5000),
     )
     from_model_garden(source, target)
     # Smooth images: per-pixel noise averages out into near-constant deep features, whose
@@ -173,33 +175,19 @@ def _check_retinanet_parity(model_id, rng, detections=True):
         assert relative_max_diff(ours[key], expected[key]) <= 1e-4, key
     if not detections:
         return
-    det = target.detect(ours)
+    # Decoding is compared on the same raw outputs (Model Garden's): the networks agree to
+    # float noise (~3e-7), and near-tied overlapping candidates would let that noise pick a
+    # different box in NMS on either side. Both sides see every candidate (see above).
+    det = target.detect(expected)
     np.testing.assert_array_equal(det["num_detections"], theirs["num_detections"])
     assert int(np.min(det["num_detections"])) > 10
     for b in range(2):
         n = int(det["num_detections"][b])
-        ours_rows = _rows(det["boxes"][b, :n], det["scores"][b, :n], det["classes"][b, :n])
-        their_rows = _rows(
-            theirs["detection_boxes"][b, :n],
-            theirs["detection_scores"][b, :n],
-            theirs["detection_classes"][b, :n],
+        np.testing.assert_array_equal(det["classes"][b, :n], theirs["detection_classes"][b, :n])
+        np.testing.assert_allclose(
+            det["scores"][b, :n], theirs["detection_scores"][b, :n], rtol=1e-6
         )
-        np.testing.assert_allclose(np.sort(ours_rows[:, 5]), np.sort(their_rows[:, 5]), rtol=1e-4)
-        # Every detection has a twin (class, box, score); only at the lowest kept score may
-        # NMS break a tie between equal-score candidates differently.
-        cutoff = their_rows[:, 5].min() + 1e-5
-        for row in ours_rows:
-            twin = np.all(np.abs(their_rows[:, :5] - row[:5]) <= 1e-3, axis=1) & (
-                np.abs(their_rows[:, 5] - row[5]) <= 1e-4
-            )
-            assert twin.any() or row[5] <= cutoff, row
-
-
-def _rows(boxes, scores, classes):
-    return np.concatenate(
-        [np.asarray(classes, np.float32)[:, None], np.asarray(boxes), np.asarray(scores)[:, None]],
-        axis=1,
-    )
+        np.testing.assert_allclose(det["boxes"][b, :n], theirs["detection_boxes"][b, :n], atol=1e-3)
 
 
 def test_converted_retinanet_outputs_and_detections_equal_model_garden(rng):

@@ -60,10 +60,22 @@ def test_scale_jitter_crops_into_the_window_and_drops_emptied_boxes():
         assert out["image"].shape == (32, 32, 3)
         boxes = out["boxes"].numpy()
         assert (boxes >= 0).all() and (boxes <= 32).all()
-        assert ((boxes[:, 2:] - boxes[:, :2]) >= 1.0).all()
+        assert ((boxes[:, 2:] - boxes[:, :2]) > 0.0).all()
         assert out["classes"].shape[0] == boxes.shape[0] == out["masks"].shape[0]
         scale = out["image_info"][2].numpy()
         assert scale[1] >= 32 / 60 * 1.5 - 0.02
+
+
+def test_boxes_of_any_positive_area_are_kept_and_empty_ones_dropped():
+    """As Model Garden: a sub-pixel box trains; a zero-width one does not (in evaluation,
+    every box stays, for COCO)."""
+    d = dict(_example(), boxes=tf.constant([[0.1, 0.1, 0.11, 0.108], [0.5, 0.5, 0.9, 0.5]]))
+    train = ops.resize_and_crop(d, (64, 64))
+    np.testing.assert_array_equal(train["classes"], [3])
+    height, width = (train["boxes"][0, 2:] - train["boxes"][0, :2]).numpy()
+    assert 0 < height < 1 and 0 < width < 1
+    evaluation = ops.resize_and_crop(d, (64, 64), keep_empty_boxes=True)
+    np.testing.assert_array_equal(evaluation["classes"], [3, 5])
 
 
 def test_normalize_pad_and_pad_instances():

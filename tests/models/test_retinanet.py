@@ -96,6 +96,16 @@ def test_weight_decay_defaults_to_the_papers_and_can_be_turned_off():
     assert not _tiny(kernel_regularizer=None).losses
 
 
+def test_mobile_head_regularises_its_separable_predictors_as_model_garden():
+    model = build_retinanet("mobile-49XS", 5, 64, weight_decay=3e-5, **TINY_MOBILE)
+    head = model.head
+    for predictor in (head.classifier, head.box_predictor):
+        for reg in (predictor.depthwise_regularizer, predictor.pointwise_regularizer):
+            assert reg.get_config() == {"l2": 1.5e-5}
+    assert head.cls_convs[0].depthwise_regularizer is None
+    assert head.cls_convs[0].pointwise_regularizer is None
+
+
 def test_missing_targets_are_named():
     model = _tiny()
     with pytest.raises(ValueError, match=r"got keys \['labels'\]"):

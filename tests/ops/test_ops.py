@@ -1,10 +1,8 @@
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from spinenet_tf.ops.anchors import AnchorConfig
 from spinenet_tf.ops.boxes import decode_boxes, encode_boxes, pairwise_iou
-from spinenet_tf.ops.postprocess import DetectionConfig, generate_detections
 from spinenet_tf.ops.targets import build_targets, retinanet_losses
 from tests.conftest import model_garden
 
@@ -73,24 +71,6 @@ ANCHORS = np.array(
 )
 
 
-def test_matching_positive_negative_ignored_crowd_and_forced():
-    gt_boxes = np.array(
-        [[0, 0, 10, 10], [200, 200, 210, 230], [98, 98, 112, 112], [0, 0, 0, 0]], np.float32
-    )
-    gt_classes = np.array([3, 7, 5, -1], np.int32)
-    crowd = np.array([False, False, True, False])
-    t = build_targets(ANCHORS, gt_boxes, gt_classes, crowd)
-    np.testing.assert_array_equal(t["cls_targets"], [3, 3, 0, 0, 0, 0, 7])
-    np.testing.assert_array_equal(t["box_weights"], [1, 1, 0, 0, 0, 0, 1])
-    np.testing.assert_array_equal(t["cls_weights"], [1, 1, 1, 0, 1, 0, 1])
-    np.testing.assert_allclose(t["box_targets"][0], [0, 0, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(
-        decode_boxes(t["box_targets"][1], ANCHORS[1]), gt_boxes[0], atol=1e-4
-    )
-    unforced = build_targets(ANCHORS, gt_boxes, gt_classes, crowd, force_match=False)
-    assert int(unforced["cls_targets"][6]) == 0
-
-
 def test_matching_is_batched_and_runs_in_tf_data_and_xla():
     gt_boxes = np.zeros((2, 3, 4), np.float32)
     gt_boxes[0, 0] = [0, 0, 10, 10]
@@ -131,51 +111,3 @@ def test_focal_and_huber_losses_match_the_formulas():
     np.testing.assert_allclose(out["cls_loss"], cls / 2.0, rtol=1e-5)
     np.testing.assert_allclose(out["box_loss"], huber / 2.0, rtol=1e-5)
     np.testing.assert_allclose(out["total_loss"], cls / 2.0 + 50 * huber / 2.0, rtol=1e-5)
-
-
-def _logit(p):
-    return np.log(p / (1 - p))
-
-
-def _detection_inputs():
-    # Three anchors; two overlap heavily (IoU 0.82). Two foreground classes.
-    anchors = np.array([[0, 0, 10, 10], [0, 1, 10, 11], [50, 50, 60, 60]], np.float32)
-    logits = np.full((1, 3, 3), -10.0, np.float32)
-    logits[0, 0, 1] = _logit(0.9)
-    logits[0, 1, 1] = _logit(0.8)  # same class, overlapping: suppressed
-    logits[0, 1, 2] = _logit(0.7)  # other class, same box: kept unless class-agnostic
-    logits[0, 2, 2] = _logit(0.03)  # under the score threshold
-    return logits, np.zeros((1, 3, 4), np.float32), anchors
-
-
-@pytest.mark.parametrize("nms", ["padded", "combined"])
-def test_detections_class_aware_nms_and_threshold(nms):
-    logits, deltas, anchors = _detection_inputs()
-    det = generate_detections(
-        logits, deltas, anchors, [3], (64, 64), DetectionConfig(max_detections=5, nms=nms)
-    )
-    assert int(det["num_detections"][0]) == 2
-    np.testing.assert_allclose(det["scores"][0], [0.9, 0.7, 0, 0, 0], rtol=1e-5)
-    np.testing.assert_array_equal(det["classes"][0], [1, 2, 0, 0, 0])
-    np.testing.assert_allclose(det["boxes"][0, 1], [0, 1, 10, 11], atol=1e-4)
-    agnostic = generate_detections(
-        logits,
-        deltas,
-        anchors,
-        [3],
-        (64, 64),
-        DetectionConfig(max_detections=5, class_agnostic=True),
-    )
-    assert int(agnostic["num_detections"][0]) == 1
-
-
-def test_detections_compile_with_xla_and_keep_static_shapes():
-    logits, deltas, anchors = _detection_inputs()
-    fn = tf.function(
-        lambda c, b: generate_detections(c, b, anchors, [3], (64, 64)), jit_compile=True
-    )
-    det = fn(np.repeat(logits, 2, 0), np.repeat(deltas, 2, 0))
-    assert det["boxes"].shape == (2, 100, 4)
-    np.testing.assert_array_equal(det["num_detections"], [2, 2])
-    with pytest.raises(ValueError, match="class_agnostic decoding needs nms='padded'"):
-        DetectionConfig(nms="combined", class_agnostic=True)

@@ -16,6 +16,7 @@ from PIL import Image
 from spinenet_tf import MODEL_IDS, build_retinanet
 from spinenet_tf.data import shapes
 from spinenet_tf.data.parsers import detection_parser
+from spinenet_tf.ops.boxes import scaled_image_hw
 from spinenet_tf.serving.export import Detector, export_saved_model
 from spinenet_tf.serving.label_map import label_map_for, read_label_map
 from tests.conftest import TINY, TINY_MOBILE, randomize_batch_norm_stats
@@ -68,7 +69,9 @@ def _reference(model, image: np.ndarray) -> dict:
         "areas": tf.zeros([0]),
     }
     net_input, gt = parse(d)
-    det = {k: v.numpy()[0] for k, v in model.predict_step(net_input[None]).items()}
+    valid_hw = scaled_image_hw(gt["image_info"][None])
+    det = model.detect(model(net_input[None], training=False), valid_hw)
+    det = {k: v.numpy()[0] for k, v in det.items()}
     scale = np.tile(gt["image_info"][2].numpy(), 2)
     det["boxes"] = np.minimum(det["boxes"] / scale, np.tile(image.shape[:2], 2))
     return det
@@ -213,7 +216,9 @@ def test_network_and_decoding_have_static_shapes_past_the_resize(model):
         tf.TensorSpec([None], tf.string)
     )
     assert fn.output_shapes["detection_boxes"].as_list() == [None, 20, 4]
-    network = detector._network.get_concrete_function(tf.TensorSpec([None, 64, 64, 3]))
+    network = detector._network.get_concrete_function(
+        tf.TensorSpec([None, 64, 64, 3]), tf.TensorSpec([None, 2])
+    )
     heavy = [
         op
         for op in network.graph.get_operations()

@@ -21,6 +21,7 @@ def test_multiply_adds_equal_model_garden_profiler_count():
         assert abs(a - b) / b < 1e-6, (model_id, a, b)
 
 
+@pytest.mark.slow  # full size; 49S and mobile-49XS are counted against Model Garden above
 def test_multiply_adds_of_49_at_640():
     # Model Garden 2.20 gives 28,500,067,461 for its own SpineNet-49 with swish (measured).
     macs = summary.count_multiply_adds(spinenet_tf.build_backbone("49"), (640, 640))
@@ -44,6 +45,7 @@ def test_parse_image_size():
         summary.parse_image_size("0x4")
 
 
+@pytest.mark.slow  # a subprocess building two models
 def test_cli_prints_the_table():
     result = subprocess.run(
         [

@@ -67,6 +67,7 @@ def _weights(model_dir):
     return {n: reader.get_tensor(n) for n in names}
 
 
+@pytest.mark.slow  # two training processes; in-process resume is in test_trainer.py
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
     """SIGKILL mid-run, restart: the run reaches the final step with the weights of an
     uninterrupted run (deterministic mode replays the input up to the restored step)."""
@@ -187,9 +188,11 @@ def _tiny_experiment(experiment: str, shapes_records, runtime: str = "cpu.gin"):
 
 
 def _xla_cases():
-    cases = [pytest.param("quickstart.gin", "cpu.gin", id="quickstart")]
+    # Slow (about 2 minutes each), and at most one at a time: 12-15 GB resident each.
+    heavy = [pytest.mark.slow, pytest.mark.xdist_group("memory")]
+    cases = [pytest.param("quickstart.gin", "cpu.gin", id="quickstart", marks=heavy)]
     for path in sorted((ROOT / "gin_configs/experiments").glob("*_coco.gin")):
-        cases.append(pytest.param(path.name, "tpu.gin", id=path.stem, marks=pytest.mark.slow))
+        cases.append(pytest.param(path.name, "tpu.gin", id=path.stem, marks=heavy))
     return cases
 
 
