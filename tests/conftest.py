@@ -24,6 +24,8 @@ def mirrored():
 # Width-reduced models that build in about a second: tests check wiring, not capacity.
 TINY = dict(filter_size_scale=0.25, endpoints_num_filters=16)
 TINY_MOBILE = dict(filter_size_scale=0.5, endpoints_num_filters=8)
+# Full-size builds of these take 15-20 s each: their sweeps run in the slow suite.
+LARGE_IDS = ("143", "143L", "190")
 
 
 @pytest.fixture(autouse=True)

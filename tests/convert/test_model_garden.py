@@ -11,8 +11,9 @@ from spinenet_tf.convert import from_model_garden
 from spinenet_tf.tools.summary import count_parameters
 from tests.conftest import model_garden, randomize_batch_norm_stats, relative_max_diff
 
-FAST_IDS = ["49S", "49", "96", "mobile-49XS", "mobile-49S", "mobile-49"]
-SLOW_IDS = ["143", "143L", "190"]
+# The default suite checks one id of each family; the slow suite every other one.
+FAST_IDS = ["49S", "mobile-49XS"]
+SLOW_IDS = ["49", "96", "143", "143L", "190", "mobile-49S", "mobile-49"]
 # Model Garden sizes every level from the width and only supports multiples of 128; a
 # non-square size checks that we do not mix up height and width.
 SIZES = [(128, 128), (128, 256)]
@@ -82,6 +83,7 @@ def _model_garden_retinanet(model_id, image_size, num_classes=3):
     return factory.build_retinanet(input_specs, config)
 
 
+@pytest.mark.slow  # a subprocess building two detectors
 def test_cli_converts_a_model_garden_detector_checkpoint(tmp_path, rng):
     model_garden()
     import tensorflow as tf
@@ -194,6 +196,7 @@ def test_converted_retinanet_outputs_and_detections_equal_model_garden(rng):
     _check_retinanet_parity("49S", rng)
 
 
+@pytest.mark.slow  # the mobile head; decoding is checked on 49S above
 def test_converted_mobile_retinanet_outputs_equal_model_garden(rng):
     # A random SpineNet-Mobile head scores neighbouring anchors equal to 1e-7, below float
     # noise, so which of them NMS keeps is arbitrary on both sides; decoding is the same

@@ -6,7 +6,7 @@ import tensorflow as tf
 import spinenet_tf
 from spinenet_tf.models.retinanet import RetinaNet, build_retinanet
 from spinenet_tf.tools.summary import count_parameters
-from tests.conftest import TINY, TINY_MOBILE
+from tests.conftest import LARGE_IDS, TINY, TINY_MOBILE
 from tests.models.test_spinenet import CUSTOM_SPECS
 
 # Model Garden 2.20 RetinaNet-SpineNet, 91 classes (../shared/REFERENCE.md).
@@ -23,7 +23,11 @@ MODEL_GARDEN_PARAMS = {
 TINY_HEAD = dict(head_num_filters=16, head_num_convs=2)
 
 
-@pytest.mark.parametrize("model_id", list(MODEL_GARDEN_PARAMS))
+@pytest.mark.parametrize(
+    "model_id",
+    # The largest ids take 15-20 s each to build: counted in the slow suite.
+    [pytest.param(m, marks=pytest.mark.slow) if m in LARGE_IDS else m for m in MODEL_GARDEN_PARAMS],
+)
 def test_parameter_counts_equal_model_garden(model_id):
     # Parameters do not depend on the image size; a small one builds faster.
     model = build_retinanet(model_id, num_classes=91, image_size=128)
@@ -61,6 +65,7 @@ def test_outputs_cover_every_anchor_and_predict_decodes():
     }
 
 
+@pytest.mark.slow  # two fits; tests/data's model.fit on make_dataset is the smoke test
 def test_fit_learns_from_raw_ground_truth_and_from_precomputed_targets():
     model = _tiny()
     model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, clipnorm=10.0))

@@ -6,7 +6,7 @@ import tensorflow as tf
 import spinenet_tf
 from spinenet_tf.models.spinenet import SpineNet
 from spinenet_tf.tools.summary import count_parameters
-from tests.conftest import TINY, TINY_MOBILE
+from tests.conftest import LARGE_IDS, TINY, TINY_MOBILE
 
 # Model Garden 2.20's trainable parameter counts (../shared/REFERENCE.md; re-measured in
 # tests/convert against a live Model Garden build).
@@ -23,7 +23,11 @@ MODEL_GARDEN_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("model_id", list(MODEL_GARDEN_PARAMS))
+@pytest.mark.parametrize(
+    "model_id",
+    # The largest ids take 15-20 s each to build: counted in the slow suite.
+    [pytest.param(m, marks=pytest.mark.slow) if m in LARGE_IDS else m for m in MODEL_GARDEN_PARAMS],
+)
 def test_parameter_counts_equal_model_garden(model_id):
     model = spinenet_tf.build_backbone(model_id)
     assert count_parameters(model) == MODEL_GARDEN_PARAMS[model_id]

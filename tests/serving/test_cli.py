@@ -57,6 +57,7 @@ def images(tmp_path_factory, shapes_dir):
     return folder
 
 
+@pytest.mark.slow  # export and predict processes
 def test_export_then_predict_from_the_saved_model_and_from_the_checkpoint(
     checkpoint, images, shapes_dir, tmp_path
 ):
@@ -119,6 +120,7 @@ def test_export_then_predict_from_the_saved_model_and_from_the_checkpoint(
     )
 
 
+@pytest.mark.slow  # command-line processes
 def test_bad_checkpoints_and_missing_images_are_named(checkpoint, tmp_path):
     result = _run(
         "spinenet_tf.export", *GIN, f"--checkpoint={tmp_path}", f"--export_dir={tmp_path / 'x'}"

@@ -178,6 +178,7 @@ def test_saved_model_serves_with_tensorflow_only_and_matches_the_model(
     assert {int(k): v for k, v in labels.items()} == LABELS
 
 
+@pytest.mark.slow  # saved_model_cli processes
 def test_saved_model_cli_shows_and_runs_the_export(exported, tmp_path):
     cli = Path(sys.executable).with_name("saved_model_cli")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")

@@ -8,6 +8,7 @@ from spinenet_tf.tools import summary
 from tests.conftest import model_garden
 
 
+@pytest.mark.slow  # the RetinaNet count below covers the default suite
 def test_multiply_adds_equal_model_garden_profiler_count():
     model_garden()
     from spinenet_tf.convert.model_garden import build_model_garden_backbone

@@ -149,6 +149,7 @@ def test_diverging_loss_stops_with_the_step_and_saves_nothing(shapes_records, sh
     assert tf.train.latest_checkpoint(tmp_path / "nan") is None
 
 
+@pytest.mark.slow  # a training and an evaluating trainer; train_and_eval is tested above
 def test_continuous_eval_on_a_non_local_filesystem(shapes_records, shapes_dir):
     """model_dir on TF's in-memory filesystem (ram://), as on gs://: checkpoints, summaries,
     results and images all go through tf.io.gfile; continuous_eval evaluates the checkpoints
