@@ -32,6 +32,7 @@ lint: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py
 	$(PY) benchmarks/retinanet.py
+	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/serving.py
 

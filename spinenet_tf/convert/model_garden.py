@@ -216,3 +216,105 @@ def build_model_garden_retinanet(model_id: str, num_classes: int, image_size: in
     # The head creates its variables on the first call, in forward order.
     model(np.zeros([1, image_size, image_size, 3], np.float32), training=False)
     return model
+
+
+def build_model_garden_retinanet_task(
+    model_id: str,
+    num_classes: int,
+    image_size: int,
+    weight_decay: float,
+    norm_epsilon: float | None = None,
+    use_sync_bn: bool = True,
+    **kwargs,
+):
+    """Model Garden's RetinaNetTask (official/vision/tasks/retinanet.py) for one of our model
+    ids, with its losses at the values of ours and of its SpineNet recipes (focal alpha 0.25,
+    gamma 1.5, Huber delta 0.1, box weight 50) and L2 `weight_decay` (its kernel regularisers
+    are l2(weight_decay / 2)). `kwargs`: see `model_garden_retinanet_config`."""
+    from official.vision.configs import retinanet as mg_retinanet
+    from official.vision.tasks.retinanet import RetinaNetTask
+
+    model = model_garden_retinanet_config(model_id, num_classes, image_size, **kwargs)
+    model.norm_activation.use_sync_bn = use_sync_bn
+    if norm_epsilon is not None:
+        model.norm_activation.norm_epsilon = norm_epsilon
+    losses = mg_retinanet.Losses(
+        focal_loss_alpha=0.25,
+        focal_loss_gamma=1.5,
+        huber_loss_delta=0.1,
+        box_loss_weight=50,
+        l2_weight_decay=weight_decay,
+    )
+    return RetinaNetTask(mg_retinanet.RetinaNetTask(model=model, losses=losses))
+
+
+def build_model_garden_sgd(
+    task,
+    learning_rate: float,
+    momentum: float,
+    warmup_steps: int,
+    warmup_learning_rate: float,
+    boundaries=(),
+    values=None,
+):
+    """The optimizer Model Garden's trainer gives `task` (its OptimizerFactory): SGD with
+    momentum, linear warm-up from `warmup_learning_rate`, stepwise rates `values` changing once
+    step > each of `boundaries` (constant `learning_rate` without boundaries)."""
+    from official.modeling import optimization
+
+    if boundaries:
+        rate = {"type": "stepwise", "stepwise": {"boundaries": list(boundaries), "values": values}}
+    else:
+        rate = {"type": "constant", "constant": {"learning_rate": learning_rate}}
+    config = optimization.OptimizationConfig(
+        {
+            "optimizer": {"type": "sgd", "sgd": {"momentum": momentum}},
+            "learning_rate": rate,
+            "warmup": {
+                "type": "linear",
+                "linear": {
+                    "warmup_steps": warmup_steps,
+                    "warmup_learning_rate": warmup_learning_rate,
+                },
+            },
+        }
+    )
+    return task.create_optimizer(config)
+
+
+def model_garden_retinanet_labels(task, groundtruth) -> dict:
+    """The labels Model Garden's parser (official/vision/dataloaders/retinanet_input.py) gives
+    `task` for padded ground truth {"boxes": [B, N, 4] pixels, "classes": [B, N], -1 = padding}:
+    per image, the padding rows dropped and its AnchorLabeler run; batched."""
+    import tensorflow as tf
+    from official.vision.ops import anchor
+
+    config = task.task_config
+    a = config.model.anchor
+    size = config.model.input_size[:2]
+    anchor_boxes = anchor.Anchor(
+        config.model.min_level,
+        config.model.max_level,
+        a.num_scales,
+        a.aspect_ratios,
+        a.anchor_size,
+        size,
+    ).multilevel_boxes
+    parser = config.train_data.parser
+    labeler = anchor.AnchorLabeler(parser.match_threshold, parser.unmatched_threshold)
+    per_image = []
+    for boxes, classes in zip(
+        np.asarray(groundtruth["boxes"]), np.asarray(groundtruth["classes"]), strict=True
+    ):
+        keep = classes >= 0
+        cls_targets, box_targets, _, cls_weights, box_weights = labeler.label_anchors(
+            anchor_boxes, tf.constant(boxes[keep]), tf.constant(classes[keep][:, None])
+        )
+        per_image.append((cls_targets, box_targets, cls_weights, box_weights))
+    levels = list(anchor_boxes)
+    return {
+        "cls_targets": {k: tf.stack([p[0][k] for p in per_image]) for k in levels},
+        "box_targets": {k: tf.stack([p[1][k] for p in per_image]) for k in levels},
+        "cls_weights": tf.stack([p[2] for p in per_image]),
+        "box_weights": tf.stack([p[3] for p in per_image]),
+    }

@@ -39,5 +39,27 @@ class SGD(keras.optimizers.SGD):
             learning_rate,
         )
 
+    def update_step(self, gradient, variable, learning_rate):
+        """Keras's momentum update (m = momentum * m - lr * g; w += m, or with Nesterov
+        w += momentum * m - lr * g) as one fused TensorFlow op per variable (TPUs and XLA
+        compile it), not the five ops Keras builds: a SpineNet has about 450 variables."""
+        if self.momentum == 0 or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        momentum = self.momentums[self._get_variable_index(variable)]
+        dtype = variable.dtype
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=_tf_variable(variable).handle,
+            accum=_tf_variable(momentum).handle,
+            lr=tf.cast(learning_rate, dtype),
+            grad=tf.cast(gradient, dtype),
+            momentum=tf.cast(self.momentum, dtype),
+            use_nesterov=self.nesterov,
+        )
+
     def get_config(self):
         return {**super().get_config(), "global_clipnorm": self.global_clipnorm_after_reduce}
+
+
+def _tf_variable(variable):
+    """The tf.Variable behind a Keras variable (a tf.Variable is returned as it is)."""
+    return variable.value if isinstance(variable, keras.Variable) else variable

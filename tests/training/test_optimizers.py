@@ -1,4 +1,5 @@
-"""SGD: gradient clipping on the global gradient, the same on 1 or 2 replicas."""
+"""SGD: gradient clipping on the global gradient, the same on 1 or 2 replicas; Keras's momentum
+update as one fused op."""
 
 import keras
 import numpy as np
@@ -44,3 +45,23 @@ def test_global_clipnorm_clips_the_all_reduced_gradient(mirrored):
     assert SGD.from_config(config).global_clipnorm_after_reduce == 2.0
     with pytest.raises(ValueError, match="only global_clipnorm"):
         SGD(clipnorm=1.0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_momentum_update_equals_keras_sgd(nesterov):
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=(4, 3)).astype("float32")
+    grads = rng.normal(size=(6, 4, 3)).astype("float32")
+    results = []
+    for cls in (keras.optimizers.SGD, SGD):
+        w = keras.Variable(w0)
+        rate = keras.optimizers.schedules.PolynomialDecay(0.1, 6, 0.01)  # changes every step
+        optimizer = cls(learning_rate=rate, momentum=0.9, nesterov=nesterov)
+        step = tf.function(lambda g: optimizer.apply([g], [w]), jit_compile=True)  # noqa: B023
+        for g in grads:
+            step(tf.constant(g))
+        results.append(w.numpy())
+    assert np.max(np.abs(results[1] - w0)) > 0.1
+    # Keras's Nesterov step rounds (m * momentum) and (lr * g) separately; the fused kernel
+    # may contract them.
+    np.testing.assert_allclose(results[1], results[0], rtol=0, atol=0 if not nesterov else 1e-6)
