@@ -1,4 +1,4 @@
-"""Exports a trained detector as a SavedModel for TF Serving.
+"""Exports a trained model (any task; a detector by default) as a SavedModel for TF Serving.
 
     python -m spinenet_tf.export \
         --gin_file=gin_configs/experiments/quickstart.gin \
@@ -21,8 +21,8 @@ from spinenet_tf.serving.export import INPUT_TYPES, export_saved_model
 cli.define_model_flags()
 flags.DEFINE_string("export_dir", None, "Where to write the SavedModel (local or gs://).")
 flags.DEFINE_list("input_types", list(INPUT_TYPES), f"Signatures, from {INPUT_TYPES}.")
-flags.DEFINE_float("score_threshold", None, "Override the model's decoding score threshold.")
-flags.DEFINE_integer("max_detections", None, "Override the model's detections per image.")
+flags.DEFINE_float("score_threshold", None, "Detection tasks: override the decoding threshold.")
+flags.DEFINE_integer("max_detections", None, "Detection tasks: override detections per image.")
 flags.DEFINE_bool("jit_compile", False, "Compile network and decoding with XLA.")
 flags.mark_flags_as_required(["checkpoint", "export_dir"])
 FLAGS = flags.FLAGS
@@ -35,21 +35,23 @@ def main(argv):
     unknown = sorted(set(FLAGS.input_types) - set(INPUT_TYPES))
     if unknown:
         raise app.UsageError(f"unknown --input_types {unknown}; expected some of {INPUT_TYPES}")
-    detection = {
+    overrides = {
         k: getattr(FLAGS, k)
         for k in ("score_threshold", "max_detections")
         if getattr(FLAGS, k) is not None
     }
-    model, label_map = cli.load_from_flags(FLAGS, detection)
+    task, model, label_map = cli.load_from_flags(FLAGS, overrides)
     export_saved_model(
         model,
         FLAGS.export_dir,
         input_types=FLAGS.input_types,
         label_map=label_map,
         jit_compile=FLAGS.jit_compile,
+        task=task,
     )
+    height, width = model.input_shape[1:3]
     print(
-        f"exported {model.name} ({model.image_size[0]}x{model.image_size[1]} input, "
+        f"exported {model.name} ({height}x{width} input, "
         f"{len(label_map)} labels) to {FLAGS.export_dir}: signatures "
         f"{', '.join(FLAGS.input_types)} (serving_default = {FLAGS.input_types[0]})",
         file=sys.stdout,

@@ -1,16 +1,19 @@
-"""Runs a detector over image files: annotated images and COCO-format results.
+"""Runs a trained model over image files: images drawn by its task and JSON results (a
+detector's: COCO-format detections).
 
     python -m spinenet_tf.predict --saved_model=exports/quickstart \
         --images='data/shapes/val/*.jpg' --output_dir=runs/predictions
     python -m spinenet_tf.predict --gin_file=gin_configs/experiments/quickstart.gin \
         --checkpoint=runs/quickstart --images='photos/*.png' --output_dir=out
 
-Writes OUTPUT_DIR/<name>.png (each image with its detections drawn) and
-OUTPUT_DIR/detections.json (COCO results: image_id, category_id, bbox [x, y, w, h], score,
-plus file_name and category_name). Image ids come from --annotations (a COCO file listing the
-images) when given, else from numeric file names (COCO's 000000397133.jpg -> 397133; other
-names are numbered on from the largest), or, when numeric names repeat, from the image's
-position. Files that cannot be decoded are reported by name and skipped.
+Writes OUTPUT_DIR/<name>.png (each image as the task draws its prediction: detections for
+RetinaNet) and OUTPUT_DIR/detections.json (the task's records; RetinaNet: COCO results,
+category_id, bbox [x, y, w, h], score, category_name; each with image_id and file_name). A
+SavedModel is read as RetinaNet's; give --gin_file too for another task's export. Image ids
+come from --annotations (a COCO file listing the images) when given, else from numeric file
+names (COCO's 000000397133.jpg -> 397133; other names are numbered on from the largest), or,
+when numeric names repeat, from the image's position. Files that cannot be decoded are
+reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import tensorflow as tf
 from absl import app, flags
 from absl import logging as absl_logging
 
+from spinenet_tf.data.label_map import read_label_map
 from spinenet_tf.serving import cli
-from spinenet_tf.serving.label_map import read_label_map
-from spinenet_tf.serving.visualize import draw_detections
+from spinenet_tf.tasks.retinanet import RetinaNetTask
+from spinenet_tf.training import gin_bindings
 
 flags.DEFINE_string("saved_model", None, "A SavedModel from spinenet_tf.export.")
 cli.define_model_flags()
@@ -65,14 +69,23 @@ def saved_model_runner(path: str):
 
 
 def checkpoint_runner(flag_values):
-    """(run, label map) for a gin experiment and training checkpoint, computing what an
-    export of it would serve."""
-    from spinenet_tf.serving.export import Detector
+    """(run, label map, task) for a gin experiment and training checkpoint, computing what
+    an export of it would serve."""
+    task, model, label_map = cli.load_from_flags(flag_values)
+    module = task.serving_module(model, label_map)
+    fn = tf.function(module.from_image_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
+    return (lambda encoded: fn(tf.constant(encoded))), label_map, task
 
-    model, label_map = cli.load_from_flags(flag_values)
-    detector = Detector(model, label_map)
-    fn = tf.function(detector.from_image_bytes, input_signature=[tf.TensorSpec([None], tf.string)])
-    return (lambda encoded: fn(tf.constant(encoded))), label_map
+
+def saved_model_task(flag_values):
+    """The task a SavedModel's outputs are read with: the gin experiment's, else RetinaNet."""
+    if not flag_values.gin_file:
+        return RetinaNetTask()
+    try:
+        gin_bindings.parse(flag_values.gin_file, flag_values.gin_param)
+        return gin_bindings.experiment_config().task
+    except (OSError, TypeError, ValueError) as e:
+        raise app.UsageError(str(e)) from None
 
 
 def image_ids(files: list[str], annotations: str | None) -> list[int]:
@@ -108,8 +121,12 @@ def read_images(files: list[str]):
         yield i, path, data, pixels
 
 
-def predict(run, label_map, files, output_dir, score_threshold, ids, batch_size=8) -> dict:
-    """Runs `run` over the files; writes the images and detections.json; returns counts."""
+def predict(
+    run, label_map, files, output_dir, score_threshold, ids, batch_size=8, task=None
+) -> dict:
+    """Runs `run` over the files; writes the images the task draws and detections.json (its
+    records); returns counts. `task` defaults to RetinaNetTask."""
+    task = task if task is not None else RetinaNetTask()
     tf.io.gfile.makedirs(output_dir)
     results, used_names, done = [], set(), 0
     pending = []
@@ -120,12 +137,7 @@ def predict(run, label_map, files, output_dir, score_threshold, ids, batch_size=
             return
         outputs = {k: v.numpy() for k, v in run([p[2] for p in pending]).items()}
         for row, (i, path, _, pixels) in enumerate(pending):
-            n = int(outputs["num_detections"][row])
-            det = {
-                "boxes": outputs["detection_boxes"][row][:n],
-                "scores": outputs["detection_scores"][row][:n],
-                "classes": outputs["detection_classes"][row][:n],
-            }
+            prediction = {k: v[row] for k, v in outputs.items()}
             stem = os.path.splitext(os.path.basename(path))[0]
             name, k = stem, 1
             while name in used_names:  # same file name in two directories
@@ -133,21 +145,10 @@ def predict(run, label_map, files, output_dir, score_threshold, ids, batch_size=
                 name = f"{stem}_{k}"
             used_names.add(name)
             with tf.io.gfile.GFile(os.path.join(output_dir, name + ".png"), "wb") as f:
-                draw_detections(pixels, det, label_map, score_threshold).save(f, format="PNG")
-            for box, score, cls in zip(det["boxes"], det["scores"], det["classes"], strict=True):
-                if score < score_threshold:
-                    continue
-                ymin, xmin, ymax, xmax = (float(v) for v in box)
-                results.append(
-                    {
-                        "image_id": ids[i],
-                        "file_name": path,
-                        "category_id": int(cls),
-                        "category_name": label_map.get(int(cls), str(int(cls))),
-                        "bbox": [xmin, ymin, xmax - xmin, ymax - ymin],
-                        "score": float(score),
-                    }
-                )
+                drawn = task.draw_prediction(pixels, prediction, label_map, score_threshold)
+                drawn.save(f, format="PNG")
+            for record in task.prediction_records(prediction, label_map, score_threshold):
+                results.append({"image_id": ids[i], "file_name": path, **record})
             done += 1
         pending.clear()
 
@@ -173,10 +174,11 @@ def main(argv):
     ids = image_ids(files, FLAGS.annotations)
     if FLAGS.saved_model:
         run, label_map = saved_model_runner(FLAGS.saved_model)
+        task = saved_model_task(FLAGS)
     else:
-        run, label_map = checkpoint_runner(FLAGS)
+        run, label_map, task = checkpoint_runner(FLAGS)
     counts = predict(
-        run, label_map, files, FLAGS.output_dir, FLAGS.score_threshold, ids, FLAGS.batch_size
+        run, label_map, files, FLAGS.output_dir, FLAGS.score_threshold, ids, FLAGS.batch_size, task
     )
     print(
         f"{counts['images']} images, {counts['detections']} detections with score >= "

@@ -18,6 +18,7 @@ import tensorflow as tf
 from absl import app, flags
 from absl import logging as absl_logging
 
+from spinenet_tf.data import shapes
 from spinenet_tf.training import gin_bindings
 from spinenet_tf.training.strategy import STRATEGIES, get_strategy
 from spinenet_tf.training.trainer import Trainer
@@ -39,8 +40,6 @@ def prepare_synthetic_data(config):
     """Fills empty data sources from the synthetic shapes dataset, generating it if absent."""
     if not config.synthetic_data_dir:
         return config
-    from spinenet_tf.data import shapes
-
     paths = shapes.ensure_dataset(config.synthetic_data_dir, **config.synthetic_data_args)
     train = config.train
     if not train.source:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from absl import app, flags
 
+from spinenet_tf.serving.load import load_model
+
 
 def define_model_flags():
     flags.DEFINE_multi_string("gin_file", [], "The experiment's gin files, as given to train.")
@@ -23,20 +25,18 @@ def define_model_flags():
     )
 
 
-def load_from_flags(flag_values, detection: dict | None = None):
-    """(model, label map) from --gin_file / --gin_param / --checkpoint / --label_map, with
-    DetectionConfig overrides; bad values become usage errors that name them."""
-    from spinenet_tf.training import gin_bindings
-
+def load_from_flags(flag_values, overrides: dict | None = None):
+    """(task, model, label map) from --gin_file / --gin_param / --checkpoint / --label_map,
+    with the task's serving overrides; bad values become usage errors that name them."""
     if not flag_values.checkpoint or not flag_values.gin_file:
         raise app.UsageError("a trained model needs both --gin_file and --checkpoint")
     try:
-        return gin_bindings.load_model(
+        return load_model(
             flag_values.gin_file,
             flag_values.gin_param,
             flag_values.checkpoint,
             label_map_path=flag_values.label_map,
-            detection=detection,
+            overrides=overrides,
             dtype_policy=flag_values.dtype_policy,
         )
     except (OSError, TypeError, ValueError) as e:  # gin files / bindings, checkpoint, labels

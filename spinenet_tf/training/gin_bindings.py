@@ -11,11 +11,22 @@ from pathlib import Path
 
 import gin
 
-from spinenet_tf.training import trainer
+from spinenet_tf.tasks.retinanet import RetinaNetTask
+from spinenet_tf.training import config as config_lib
 
-ExperimentConfig = gin.external_configurable(trainer.ExperimentConfig, module="spinenet_tf")
-DataConfig = gin.external_configurable(trainer.DataConfig, module="spinenet_tf")
-OptimizerConfig = gin.external_configurable(trainer.OptimizerConfig, module="spinenet_tf")
+ExperimentConfig = gin.external_configurable(config_lib.ExperimentConfig, module="spinenet_tf")
+DataConfig = gin.external_configurable(config_lib.DataConfig, module="spinenet_tf")
+OptimizerConfig = gin.external_configurable(config_lib.OptimizerConfig, module="spinenet_tf")
+
+
+def register_task(task_class: type, name: str | None = None):
+    """Makes a Task class bindable from .gin files (`ExperimentConfig.task = @MyTask()`), by
+    `name` or its class name; returns what gin calls. Tasks of other packages register
+    here, so the trainer needs no change to run them."""
+    return gin.external_configurable(task_class, name=name, module="spinenet_tf")
+
+
+register_task(RetinaNetTask)
 
 
 # Experiments include fragments by their path under gin_configs/ ('models/spinenet49.gin').
@@ -38,7 +49,7 @@ def parse(gin_files, gin_params, skip_unknown: bool = False):
     gin.parse_config_files_and_bindings(files, list(gin_params or []), skip_unknown=skip_unknown)
 
 
-def experiment_config() -> trainer.ExperimentConfig:
+def experiment_config() -> config_lib.ExperimentConfig:
     """The ExperimentConfig the parsed gin files describe."""
     return ExperimentConfig()
 
@@ -51,36 +62,3 @@ def config_str() -> str:
 def operative_config_str() -> str:
     """The bindings that were used to build the experiment."""
     return gin.operative_config_str()
-
-
-def load_model(
-    gin_files,
-    gin_params,
-    checkpoint: str,
-    label_map_path: str | None = None,
-    detection: dict | None = None,
-    dtype_policy: str = "float32",
-):
-    """(model, label map) for an experiment's gin files and a training checkpoint (prefix or
-    model_dir): the model `predict` and `export` serve.
-
-    The label map comes from label_map_path (label map JSON or COCO annotations) or else from
-    the experiment's data; `detection` overrides DetectionConfig fields (score_threshold,
-    max_detections, ...). Raises ValueError / OSError naming a bad gin file, binding or
-    checkpoint.
-    """
-    import dataclasses
-
-    import keras
-
-    from spinenet_tf.serving.label_map import label_map_for, read_label_map
-
-    parse(gin_files, gin_params)
-    config = experiment_config()
-    keras.config.set_dtype_policy(dtype_policy)
-    model = trainer.build_model(config, sync_batch_norm=False)
-    trainer.restore_model(model, checkpoint)
-    if detection:
-        model.detection_config = dataclasses.replace(model.detection_config, **detection)
-    label_map = read_label_map(label_map_path) if label_map_path else label_map_for(config)
-    return model, label_map

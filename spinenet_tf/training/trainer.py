@@ -7,91 +7,28 @@ optimizer built inside the strategy scope before the first step (keras-team/kera
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import logging
 import math
 import os
 import signal
+import tempfile
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from spinenet_tf.data.dataset import TFDSSource, make_dataset
-from spinenet_tf.data.parsers import detection_parser
-from spinenet_tf.models.retinanet import build_retinanet
-from spinenet_tf.ops.boxes import scaled_image_hw
 from spinenet_tf.training import strategy as strategy_lib
-from spinenet_tf.training.coco_eval import CocoEvaluator
+from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
 from spinenet_tf.training.optimizers import SGD
 from spinenet_tf.training.schedules import WarmupSchedule
 
 log = logging.getLogger("spinenet_tf")
 
-
-@dataclasses.dataclass
-class DataConfig:
-    """One split's input. `source` is a TFRecord pattern (local or gs://) or
-    'tfds:NAME:SPLIT' (e.g. 'tfds:coco/2017:validation')."""
-
-    source: str = ""
-    global_batch_size: int = 64
-    scale_range: tuple = (1.0, 1.0)
-    max_instances: int = 100
-    shuffle_buffer: int = 1024
-    cache: bool = False
-    skip_corrupt: bool = False
-    annotation_file: str = ""  # evaluation ground truth; else rebuilt from the records
-
-
-@dataclasses.dataclass
-class OptimizerConfig:
-    """SGD with momentum; the learning rate is given for reference_batch_size images and
-    scaled linearly with the global batch size (the paper: 0.28 at 256)."""
-
-    learning_rate: float = 0.28
-    reference_batch_size: int = 256
-    momentum: float = 0.9
-    warmup_steps: int = 2000
-    warmup_learning_rate: float = 0.0
-    decay: str = "step"
-    boundaries: tuple = (0.9, 0.97)
-    multipliers: tuple = (0.1, 0.01)
-    global_clipnorm: float | None = None
-
-
-@dataclasses.dataclass
-class ExperimentConfig:
-    model_id: str = "49S"
-    num_classes: int = 91
-    image_size: int = 640
-    model_overrides: dict = dataclasses.field(default_factory=dict)
-    train: DataConfig = dataclasses.field(default_factory=DataConfig)
-    eval: DataConfig = dataclasses.field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    train_steps: int = 1000
-    steps_per_loop: int = 100
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    eval_steps: int | None = None  # None: the whole evaluation split
-    dtype_policy: str = "float32"  # mixed_bfloat16 on TPU, mixed_float16 on GPU
-    jit_compile: bool = False
-    # Batch statistics over the global batch, so any replica count gives the same run (with
-    # one replica it is plain, fused batch norm). False: each replica's own statistics.
-    sync_batch_norm: bool = True
-    seed: int | None = None
-    # Fixed input order and augmentation, TF op determinism (process-wide), and resumption
-    # that replays the input: a resumed run ends with an uninterrupted run's weights. Not
-    # with jit_compile: XLA has no deterministic MaxPool gradient.
-    deterministic: bool = False
-    num_vis_images: int = 0  # evaluation images saved with drawn detections
-    # When set, the synthetic shapes dataset is generated there (if absent) and used for
-    # any split without a source; synthetic_data_args go to shapes.ensure_dataset.
-    synthetic_data_dir: str = ""
-    synthetic_data_args: dict = dataclasses.field(default_factory=dict)
+# The configs moved to spinenet_tf.training.config; importing them from here still works.
+__all__ = ["DataConfig", "ExperimentConfig", "OptimizerConfig", "Trainer", "TrainingDiverged"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,19 +45,24 @@ def _source(text: str):
 
 
 class Trainer:
-    """Builds model, optimizer and checkpoints under `strategy` and runs train / eval."""
+    """Builds model, optimizer and checkpoints under `strategy` and runs train / eval.
+
+    What is trained is `config.task`'s business (model, parser, targets, losses, evaluation,
+    drawings); the trainer owns the loop around it.
+    """
 
     def __init__(self, config: ExperimentConfig, model_dir: str, strategy=None):
         self.config = config
         self.model_dir = str(model_dir)
         self.strategy = strategy or tf.distribute.get_strategy()
         self.chief = strategy_lib.is_chief(self.strategy)
+        self.task = config.task
         keras.config.set_dtype_policy(config.dtype_policy)
         if config.deterministic:
             keras.utils.set_random_seed(config.seed or 0)
             tf.config.experimental.enable_op_determinism()
         with self.strategy.scope():
-            self.model = build_model(config)
+            self.model = self.task.build_model(config)
             self.optimizer = self._build_optimizer()
             self.optimizer.build(self.model.trainable_variables)
         # Variables by path, not tf.train.Checkpoint(model=...): Keras 3 models do not expose
@@ -168,14 +110,7 @@ class Trainer:
 
     def dataset(self, training: bool) -> tf.distribute.DistributedDataset:
         data = self.config.train if training else self.config.eval
-        parser = detection_parser(
-            self.config.image_size,
-            training=training,
-            scale_range=data.scale_range,
-            max_instances=data.max_instances,
-            targets_fn=self.model.anchor_matches if training else None,
-            image_dtype=keras.config.dtype_policy().compute_dtype,
-        )
+        parser = self.task.parser(self.model, self.config, training)
 
         def dataset_fn(input_context):
             ds = make_dataset(
@@ -201,35 +136,41 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
     def _replica_step(self, images, labels):
-        model, optimizer = self.model, self.optimizer
+        model, optimizer, task = self.model, self.optimizer, self.task
         context = tf.distribute.get_replica_context()
-        labels = model.targets(labels)
-        # The loss is normalised by the positives of the whole global batch, so the
-        # replicas' losses sum to the single-device loss of that batch; Keras then sums
-        # the replicas' gradients. Weight decay is the same on every replica: 1/n each.
-        positives = tf.reduce_sum(labels["box_weights"])
-        normalizer = context.all_reduce(tf.distribute.ReduceOp.SUM, positives) + 1.0
+        targets = task.train_targets(
+            model, labels, lambda x: context.all_reduce(tf.distribute.ReduceOp.SUM, x)
+        )
+        # Each replica's task loss is its share of the global-batch loss, so the replicas'
+        # losses sum to the single-device loss of that batch; Keras then sums the replicas'
+        # gradients. Weight decay is the same on every replica: 1/n each.
         replicas = context.num_replicas_in_sync
         with tf.GradientTape() as tape:
             outputs = model(images, training=True)
-            losses = model.losses_from(labels, outputs, normalizer)
+            losses = task.train_losses(model, targets, outputs)
             reg = tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) if model.losses else 0.0
             loss = losses["total_loss"] + reg / replicas
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = optimizer.scale_loss(loss)
         grads = tape.gradient(loss, model.trainable_variables)
         optimizer.apply(grads, model.trainable_variables)
+        names = self.task.train_loss_names
+        if set(names) - set(losses) or "total_loss" not in losses:
+            raise ValueError(
+                f"{type(task).__name__}.train_losses returned {sorted(losses)}; expected "
+                f"'total_loss' and every name of its train_loss_names {names}"
+            )
         return {
-            "cls_loss": losses["cls_loss"],
-            "box_loss": losses["box_loss"],
-            "det_loss": losses["total_loss"],
+            **{k: losses[k] for k in names if k != "total_loss"},
+            "task_loss": losses["total_loss"],
             "reg_loss": tf.convert_to_tensor(reg, tf.float32) / replicas,
         }
 
     def _make_train_loop(self):
         strategy = self.strategy
         replica_step = tf.function(self._replica_step, jit_compile=self.config.jit_compile)
-        keys = ("cls_loss", "box_loss", "det_loss", "reg_loss")
+        names = [k for k in self.task.train_loss_names if k != "total_loss"]
+        keys = (*names, "task_loss", "reg_loss")
 
         @tf.function
         def loop(iterator, num_steps):
@@ -242,7 +183,7 @@ class Trainer:
                     for k, v in per_replica.items()
                 }
             means = {k: v / tf.cast(num_steps, tf.float32) for k, v in sums.items()}
-            means["total_loss"] = means.pop("det_loss") + means["reg_loss"]
+            means["total_loss"] = means.pop("task_loss") + means["reg_loss"]
             return means
 
         return loop
@@ -331,11 +272,10 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
     def _make_eval_step(self):
-        model, strategy = self.model, self.strategy
+        model, strategy, task = self.model, self.strategy, self.task
 
         def replica_step(images, groundtruth):
-            valid_hw = scaled_image_hw(groundtruth["image_info"])
-            return model.detect(model(images, training=False), valid_hw), groundtruth
+            return task.eval_outputs(model, images, groundtruth), groundtruth
 
         replica_step = tf.function(replica_step, jit_compile=self.config.jit_compile)
 
@@ -347,21 +287,24 @@ class Trainer:
         return step
 
     def evaluate(self) -> dict[str, float]:
-        """COCO metrics of the current weights on the evaluation split, written as JSON and
-        to TensorBoard under model_dir (with images of the first detections drawn when
-        config.num_vis_images > 0)."""
+        """The task's metrics (COCO box AP for RetinaNet) of the current weights on the
+        evaluation split, written as JSON and to TensorBoard under model_dir (with the task's
+        drawings of the first images when config.num_vis_images > 0)."""
         config = self.config
         if self._eval_step is None:
             self._eval_step = self._make_eval_step()
-        evaluator = CocoEvaluator(config.eval.annotation_file)
+        evaluator = self.task.evaluator(config)
         drawn = []
         for i, batch in enumerate(self.dataset(training=False)):
             if config.eval_steps is not None and i >= config.eval_steps:
                 break
-            detections, groundtruth = self._eval_step(batch)
-            evaluator.update(detections, groundtruth)
+            outputs, groundtruth = self._eval_step(batch)
+            outputs = tf.nest.map_structure(lambda x: x.numpy(), outputs)
+            groundtruth = tf.nest.map_structure(lambda x: x.numpy(), groundtruth)
+            evaluator.update(outputs, groundtruth)
             if len(drawn) < config.num_vis_images:
-                drawn += _draw_batch(self.strategy, batch[0], detections, groundtruth)
+                images = self.strategy.gather(batch[0], axis=0).numpy()
+                drawn += self.task.draw(images, outputs, groundtruth)
         metrics = evaluator.result()
         self.last_eval = metrics
         step = self.step
@@ -372,7 +315,7 @@ class Trainer:
             tf.io.gfile.makedirs(out)
             with tf.io.gfile.GFile(os.path.join(out, f"eval_{step}.json"), "w") as f:
                 f.write(json.dumps({"step": step, **metrics}, indent=1))
-            evaluator.write_detections(os.path.join(out, f"detections_{step}.json"))
+            evaluator.write(out, step)
             self._write_summaries(self._writer("eval"), step, metrics)
             if drawn:
                 tf.io.gfile.makedirs(os.path.join(out, "images"))
@@ -392,34 +335,6 @@ class Trainer:
             if self.step >= self.config.train_steps:
                 break
         return metrics
-
-
-def _draw_batch(strategy, images, detections, groundtruth) -> list:
-    """(source id, PIL image) per real image of an evaluation batch, detections drawn."""
-    from spinenet_tf.data.ops import MEAN_RGB, STDDEV_RGB
-    from spinenet_tf.serving.visualize import draw_detections
-
-    images = strategy.gather(images, axis=0).numpy().astype(np.float32)
-    pixels = np.clip(images * STDDEV_RGB + MEAN_RGB, 0, 255).astype(np.uint8)
-    out = []
-    for i, source_id in enumerate(groundtruth["source_id"].numpy().tolist()):
-        if source_id < 0:
-            continue
-        h, w = scaled_image_hw(groundtruth["image_info"][i]).numpy().astype(int)
-        one = {k: v[i].numpy() for k, v in detections.items()}
-        out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
-    return out
-
-
-def build_model(config: ExperimentConfig, sync_batch_norm: bool | None = None):
-    """The experiment's RetinaNet (in the current dtype policy)."""
-    sync = config.sync_batch_norm if sync_batch_norm is None else sync_batch_norm
-    return build_retinanet(
-        config.model_id,
-        config.num_classes,
-        config.image_size,
-        **{"use_sync_bn": sync, **config.model_overrides},
-    )
 
 
 def model_variables(model) -> dict:
@@ -476,7 +391,5 @@ def _by_path(variables, key=lambda path: path) -> dict:
 
 def _worker_dir(model_dir: str, strategy) -> str:
     """A scratch directory for a non-chief worker's checkpoint writes (removed after each)."""
-    import tempfile
-
     resolver = strategy.cluster_resolver
     return tempfile.mkdtemp(prefix=f"spinenet_{resolver.task_type}{resolver.task_id}_")

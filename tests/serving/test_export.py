@@ -15,10 +15,10 @@ from PIL import Image
 
 from spinenet_tf import MODEL_IDS, build_retinanet
 from spinenet_tf.data import shapes
+from spinenet_tf.data.label_map import label_map_for, read_label_map
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.ops.boxes import scaled_image_hw
 from spinenet_tf.serving.export import Detector, export_saved_model
-from spinenet_tf.serving.label_map import label_map_for, read_label_map
 from tests.conftest import TINY, TINY_MOBILE, randomize_batch_norm_stats
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from spinenet_tf.evaluation.coco import CocoEvaluator
 from spinenet_tf.training import schedules
-from spinenet_tf.training.coco_eval import CocoEvaluator
 from spinenet_tf.training.trainer import (
     DataConfig,
     ExperimentConfig,

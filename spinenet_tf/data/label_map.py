@@ -7,6 +7,8 @@ import re
 
 import tensorflow as tf
 
+from spinenet_tf.data import shapes
+
 
 def read_label_map(path: str) -> dict[int, str]:
     """Reads {id: name} from a label map JSON (PREFIX.label_map.json of create_coco_tfrecord:
@@ -41,8 +43,6 @@ def label_map_for(config) -> dict[int, str]:
     if config.eval.annotation_file and tf.io.gfile.exists(config.eval.annotation_file):
         return read_label_map(config.eval.annotation_file)
     if config.synthetic_data_dir and not config.eval.source:
-        from spinenet_tf.data import shapes
-
         annotations = shapes.annotation_path(config.synthetic_data_dir, "val")
         if tf.io.gfile.exists(str(annotations)):
             return read_label_map(str(annotations))

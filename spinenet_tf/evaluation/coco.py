@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -139,3 +140,7 @@ class CocoEvaluator:
     def write_detections(self, path):
         with tf.io.gfile.GFile(path, "w") as f:
             json.dump(self.detections, f)
+
+    def write(self, directory: str, step: int):
+        """Writes the detections as COCO results, directory/detections_{step}.json."""
+        self.write_detections(os.path.join(directory, f"detections_{step}.json"))

@@ -1,0 +1,1 @@
+"""Evaluation metrics, fed batch by batch: COCO box AP (pycocotools)."""

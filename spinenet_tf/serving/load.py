@@ -1,0 +1,36 @@
+"""A trained model for export and predict: an experiment's gin files and a checkpoint."""
+
+from __future__ import annotations
+
+import keras
+
+from spinenet_tf.data.label_map import label_map_for, read_label_map
+from spinenet_tf.training import gin_bindings
+from spinenet_tf.training.trainer import restore_model
+
+
+def load_model(
+    gin_files,
+    gin_params,
+    checkpoint: str,
+    label_map_path: str | None = None,
+    overrides: dict | None = None,
+    dtype_policy: str = "float32",
+):
+    """(task, model, label map) for an experiment's gin files and a training checkpoint
+    (prefix or model_dir): what `predict` and `export` serve.
+
+    The label map comes from label_map_path (label map JSON or COCO annotations) or else from
+    the experiment's data; `overrides` go to the task's `apply_serving_overrides` (RetinaNet:
+    DetectionConfig fields score_threshold, max_detections, ...). Raises ValueError / OSError
+    naming a bad gin file, binding or checkpoint.
+    """
+    gin_bindings.parse(gin_files, gin_params)
+    config = gin_bindings.experiment_config()
+    keras.config.set_dtype_policy(dtype_policy)
+    task = config.task
+    model = task.build_model(config, sync_batch_norm=False)
+    restore_model(model, checkpoint)
+    task.apply_serving_overrides(model, overrides or {})
+    label_map = read_label_map(label_map_path) if label_map_path else label_map_for(config)
+    return task, model, label_map

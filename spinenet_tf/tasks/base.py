@@ -1,0 +1,208 @@
+"""A task: everything that differs between heads, behind one interface.
+
+The trainer owns the loop (strategy, steps, optimiser, checkpoints, summaries) and asks its
+task for the model, the input parser, the training targets and losses, the evaluation and
+the drawings; export and predict ask it for what a SavedModel serves and what a prediction
+draws. A new head (Mask R-CNN, a classifier, a user's own) is a new Task, bound in gin as
+`ExperimentConfig.task = @MyTask()`; the trainer does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from spinenet_tf.data import ops
+
+INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
+# The one input of every signature is named as Model Garden names it, so clients of a
+# Model Garden export need no change.
+INPUT_NAME = "inputs"
+
+
+class Evaluator(Protocol):
+    """Metrics accumulated over evaluation batches (COCO box AP, mask AP, top-1, ...)."""
+
+    def update(self, outputs: dict, groundtruth: dict) -> None:
+        """Adds one global batch: the task's eval outputs and the parser's ground truth, as
+        NumPy arrays or eager tensors."""
+
+    def result(self) -> dict[str, float]:
+        """The metrics of every batch since construction, by name."""
+
+    def write(self, directory: str, step: int) -> None:
+        """Writes per-example results beside the metrics (e.g. COCO detections JSON)."""
+
+
+class Task:
+    """The interface; subclasses implement the methods that raise NotImplementedError.
+
+    `config` arguments are `spinenet_tf.training.config.ExperimentConfig`s (read, never
+    imported here: tasks sit below training). Every method that takes tensors runs inside
+    the trainer's tf.function on each replica unless its docstring says otherwise.
+    """
+
+    # The losses train_losses returns and the trainer reports (their mean per host loop);
+    # "total_loss" is always there.
+    train_loss_names: tuple = ("total_loss",)
+
+    def build_model(self, config, sync_batch_norm: bool | None = None):
+        """The experiment's Keras model, in the current dtype policy and strategy scope.
+        `sync_batch_norm` None: config.sync_batch_norm (serving passes False)."""
+        raise NotImplementedError
+
+    def parser(self, model, config, training: bool) -> Callable:
+        """parse(decoded example, seed=None) -> (image, labels) for `make_dataset`: training
+        labels (and whatever targets are cheapest on the host), or evaluation ground truth."""
+        raise NotImplementedError
+
+    def train_targets(self, model, labels: dict, global_sum: Callable) -> dict:
+        """Targets from a replica's training labels, outside the gradient tape.
+        `global_sum(x)` sums a tensor over the replicas (for normalisers of the global batch)."""
+        return labels
+
+    def train_losses(self, model, targets: dict, outputs) -> dict:
+        """Losses of model(images, training=True) outputs: "total_loss" (this replica's share
+        of the global-batch loss, weight decay excluded) and the parts that
+        `train_loss_names` lists, all scalars."""
+        raise NotImplementedError
+
+    def eval_outputs(self, model, images, groundtruth: dict) -> dict:
+        """What the evaluator scores, from one replica's evaluation batch."""
+        raise NotImplementedError
+
+    def evaluator(self, config) -> Evaluator:
+        """A fresh evaluator for one pass over the evaluation split (on the host)."""
+        raise NotImplementedError
+
+    def draw(self, images: np.ndarray, outputs: dict, groundtruth: dict) -> list:
+        """(source id, PIL image) per real image of a gathered evaluation batch (host side;
+        `images` is the normalised network input). Default: nothing drawn."""
+        return []
+
+    def serving_module(self, model, label_map: dict | None = None, jit_compile: bool = False):
+        """An `ImageServing` whose endpoints export writes as SavedModel signatures."""
+        raise NotImplementedError
+
+    def apply_serving_overrides(self, model, overrides: dict) -> None:
+        """Applies command-line decoding overrides (score_threshold, ...) to `model`."""
+        if overrides:
+            raise ValueError(
+                f"{type(self).__name__} takes no serving overrides; got {sorted(overrides)}"
+            )
+
+    def draw_prediction(self, pixels, prediction: dict, label_map: dict, score_threshold: float):
+        """A PIL image of one served prediction (`prediction`: one image's outputs of the
+        exported signature, as NumPy) on the original `pixels`. Default: the image as is."""
+        return Image.fromarray(np.asarray(pixels, np.uint8))
+
+    def prediction_records(
+        self, prediction: dict, label_map: dict, score_threshold: float
+    ) -> list[dict]:
+        """JSON records of one served prediction (predict adds image_id and file_name)."""
+        return [{k: np.asarray(v).tolist() for k, v in prediction.items()}]
+
+
+def unnormalize(images: np.ndarray) -> np.ndarray:
+    """Network inputs (normalised by `ops.normalize_image`) back to uint8 pixels."""
+    pixels = np.asarray(images, np.float32) * ops.STDDEV_RGB + ops.MEAN_RGB
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+class ImageServing:
+    """Images in, a task's outputs out: the preprocessing every image task serves with.
+
+    Each input method takes a batch of any size. Preprocessing is the evaluation pipeline's
+    (`spinenet_tf.data.ops`): the image is fitted into `image_size` keeping its aspect ratio
+    (bilinear), normalised and padded bottom-right, so from the resize on every shape is
+    static but the batch. Subclasses implement `serve(padded, image_info)`.
+    """
+
+    def __init__(self, image_size):
+        self.image_size = tuple(int(s) for s in image_size)
+
+    def serve(self, padded, image_info) -> dict:
+        """Outputs for preprocessed images [B, h, w, 3] and their image_info [B, 4, 2]."""
+        raise NotImplementedError
+
+    def resources(self) -> list:
+        """TF resources the endpoints use (lookup tables) for the export to track."""
+        return []
+
+    def endpoints(self) -> dict:
+        """{input type: (function, input TensorSpec)} for every type of INPUT_TYPES."""
+        return {
+            "image_tensor": (
+                self.from_image_tensor,
+                tf.TensorSpec([None, None, None, 3], tf.uint8, name=INPUT_NAME),
+            ),
+            "image_bytes": (
+                self.from_image_bytes,
+                tf.TensorSpec([None], tf.string, name=INPUT_NAME),
+            ),
+            "tf_example": (self.from_tf_example, tf.TensorSpec([None], tf.string, name=INPUT_NAME)),
+        }
+
+    # -- inputs ------------------------------------------------------------------------------
+    def from_image_tensor(self, images) -> dict:
+        """uint8 images [B, H, W, 3] of one size."""
+        images = tf.convert_to_tensor(images)
+        if images.dtype != tf.uint8:
+            raise TypeError(f"images must be uint8 [B, H, W, 3], got {images.dtype.name}")
+        padded, info = self.preprocess(images)
+        return self.serve(padded, info)
+
+    def from_image_bytes(self, encoded) -> dict:
+        """Encoded images [B] (JPEG, PNG, GIF or BMP), each of its own size."""
+        return self._from_encoded(tf.convert_to_tensor(encoded, tf.string))
+
+    def from_tf_example(self, serialized) -> dict:
+        """Serialised tf.Examples [B] holding the image in `image/encoded` (the COCO schema
+        of spinenet_tf.data.create_coco_tfrecord and Model Garden)."""
+        parsed = tf.io.parse_example(
+            tf.convert_to_tensor(serialized, tf.string),
+            {"image/encoded": tf.io.FixedLenFeature((), tf.string)},
+        )
+        return self._from_encoded(parsed["image/encoded"])
+
+    def _from_encoded(self, encoded) -> dict:
+        h, w = self.image_size
+
+        def one(data):
+            # An undecodable string fails this request with InvalidArgument (TF's own
+            # message: "Unknown image file format ..."); the server stays up.
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            image.set_shape([None, None, 3])
+            padded, info = self.preprocess(image[None])
+            return padded[0], info[0]
+
+        padded, info = tf.map_fn(
+            one,
+            encoded,
+            fn_output_signature=(
+                tf.TensorSpec([h, w, 3], tf.float32),
+                tf.TensorSpec([4, 2], tf.float32),
+            ),
+            parallel_iterations=16,
+        )
+        return self.serve(padded, info)
+
+    def preprocess(self, images):
+        """uint8 [B, H, W, 3] of one size -> (network input [B, h, w, 3] float32,
+        image_info [B, 4, 2]) as `ops.resize_and_crop` with no jitter and `ops.pad_image`."""
+        out_h, out_w = self.image_size
+        hw = tf.cast(tf.shape(images)[1:3], tf.float32)
+        out = tf.constant([out_h, out_w], tf.float32)
+        scaled = tf.cast(tf.round(hw * tf.reduce_min(out / hw)), tf.int32)
+        scaled = tf.minimum(scaled, [out_h, out_w])
+        scale_yx = tf.cast(scaled, tf.float32) / hw
+        resized = tf.image.resize(images, scaled, method="bilinear", antialias=False)
+        normalized = ops.normalize_image({"image": resized})["image"]
+        padded = tf.image.pad_to_bounding_box(normalized, 0, 0, out_h, out_w)
+        padded = tf.ensure_shape(padded, [None, out_h, out_w, 3])
+        info = tf.stack([hw, out, scale_yx, tf.zeros([2])])
+        return padded, tf.tile(info[None], [tf.shape(images)[0], 1, 1])

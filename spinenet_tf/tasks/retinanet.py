@@ -1,0 +1,168 @@
+"""RetinaNet detection (Lin et al. 2017) as a task: anchors matched on the host, focal and
+box losses normalised over the global batch, COCO box AP, detections served and drawn."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from spinenet_tf.data.parsers import detection_parser
+from spinenet_tf.evaluation.coco import CocoEvaluator
+from spinenet_tf.models.retinanet import build_retinanet
+from spinenet_tf.ops.boxes import scaled_image_hw
+from spinenet_tf.tasks.base import ImageServing, Task, unnormalize
+from spinenet_tf.visualize import draw_detections
+
+
+@dataclasses.dataclass(frozen=True)
+class RetinaNetTask(Task):
+    """RetinaNet-SpineNet on COCO-style data; see `spinenet_tf.models.retinanet.RetinaNet`."""
+
+    train_loss_names = ("cls_loss", "box_loss", "total_loss")
+
+    def build_model(self, config, sync_batch_norm: bool | None = None):
+        sync = config.sync_batch_norm if sync_batch_norm is None else sync_batch_norm
+        return build_retinanet(
+            config.model_id,
+            config.num_classes,
+            config.image_size,
+            **{"use_sync_bn": sync, **config.model_overrides},
+        )
+
+    def parser(self, model, config, training: bool):
+        data = config.train if training else config.eval
+        return detection_parser(
+            config.image_size,
+            training=training,
+            scale_range=data.scale_range,
+            max_instances=data.max_instances,
+            targets_fn=model.anchor_matches if training else None,
+            image_dtype=keras.config.dtype_policy().compute_dtype,
+        )
+
+    def train_targets(self, model, labels, global_sum):
+        targets = model.targets(labels)
+        # The loss is normalised by the positives of the whole global batch, so the
+        # replicas' losses sum to the single-device loss of that batch.
+        positives = tf.reduce_sum(targets["box_weights"])
+        return {**targets, "normalizer": global_sum(positives) + 1.0}
+
+    def train_losses(self, model, targets, outputs):
+        losses = model.losses_from(targets, outputs, targets["normalizer"])
+        return {
+            "total_loss": losses["total_loss"],
+            "cls_loss": losses["cls_loss"],
+            "box_loss": losses["box_loss"],
+        }
+
+    def eval_outputs(self, model, images, groundtruth):
+        valid_hw = scaled_image_hw(groundtruth["image_info"])
+        return model.detect(model(images, training=False), valid_hw)
+
+    def evaluator(self, config):
+        return CocoEvaluator(config.eval.annotation_file)
+
+    def draw(self, images, outputs, groundtruth):
+        pixels = unnormalize(images)
+        out = []
+        for i, source_id in enumerate(np.asarray(groundtruth["source_id"]).tolist()):
+            if source_id < 0:  # batch filler
+                continue
+            h, w = scaled_image_hw(groundtruth["image_info"][i]).numpy().astype(int)
+            one = {k: np.asarray(v[i]) for k, v in outputs.items()}
+            out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
+        return out
+
+    def serving_module(self, model, label_map=None, jit_compile=False):
+        return Detector(model, label_map, jit_compile=jit_compile)
+
+    def apply_serving_overrides(self, model, overrides):
+        if overrides:
+            model.detection_config = dataclasses.replace(model.detection_config, **overrides)
+
+    def draw_prediction(self, pixels, prediction, label_map, score_threshold):
+        return draw_detections(pixels, _detections(prediction), label_map, score_threshold)
+
+    def prediction_records(self, prediction, label_map, score_threshold):
+        det = _detections(prediction)
+        records = []
+        for box, score, cls in zip(det["boxes"], det["scores"], det["classes"], strict=True):
+            if score < score_threshold:
+                continue
+            ymin, xmin, ymax, xmax = (float(v) for v in box)
+            records.append(
+                {
+                    "category_id": int(cls),
+                    "category_name": label_map.get(int(cls), str(int(cls))),
+                    "bbox": [xmin, ymin, xmax - xmin, ymax - ymin],
+                    "score": float(score),
+                }
+            )
+        return records
+
+
+def _detections(prediction: dict) -> dict:
+    """One image's served outputs -> the detections `draw_detections` takes."""
+    n = int(prediction["num_detections"])
+    return {
+        "boxes": prediction["detection_boxes"][:n],
+        "scores": prediction["detection_scores"][:n],
+        "classes": prediction["detection_classes"][:n],
+    }
+
+
+class Detector(ImageServing):
+    """Images in, detections out, for a RetinaNet: the computation an export serves.
+
+    Every input method (`ImageServing`) takes a batch of any size and returns
+    {"num_detections" [B] int32, "detection_boxes" [B, D, 4] float32 (ymin, xmin, ymax, xmax
+    in pixels of each original image), "detection_scores" [B, D], "detection_classes" [B, D]
+    int32 (the dataset's category ids, which the model is trained on)} and, with a label map,
+    "detection_class_names" [B, D] string ("" past num_detections).
+    """
+
+    def __init__(self, model, label_map: dict | None = None, jit_compile: bool = False):
+        super().__init__(model.image_size)
+        self.model = model
+        self.label_map = {int(k): str(v) for k, v in (label_map or {}).items()}
+        self.names = None
+        if self.label_map:
+            ids = sorted(self.label_map)
+            self.names = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(
+                    tf.constant(ids, tf.int32),
+                    tf.constant([self.label_map[i] for i in ids], tf.string),
+                ),
+                default_value="",
+            )
+        # Network and decoding compile as one XLA cluster when asked (static shapes past the
+        # resize); preprocessing stays outside: its shapes depend on the image.
+        self._network = tf.function(self._network_and_decode, jit_compile=jit_compile)
+
+    def resources(self) -> list:
+        return [self.names] if self.names is not None else []
+
+    def _network_and_decode(self, images, valid_hw):
+        # Keras casts the float32 input to the model's compute dtype (bfloat16 or float16
+        # under a mixed policy); decoding casts back to float32.
+        return self.model.detect(self.model(images, training=False), valid_hw)
+
+    def serve(self, padded, info) -> dict:
+        det = self._network(padded, scaled_image_hw(info))
+        scale = tf.tile(info[:, 2], [1, 2])[:, None, :]
+        limit = tf.tile(info[:, 0], [1, 2])[:, None, :]
+        out = {
+            "num_detections": det["num_detections"],
+            # Rows past num_detections are zero from decoding and stay zero here.
+            "detection_boxes": tf.clip_by_value(det["boxes"] / scale, 0.0, limit),
+            "detection_scores": det["scores"],
+            "detection_classes": det["classes"],
+        }
+        if self.names is not None:
+            valid = tf.range(tf.shape(det["scores"])[1])[None, :] < det["num_detections"][:, None]
+            names = self.names.lookup(det["classes"])
+            out["detection_class_names"] = tf.where(valid, names, "")
+        return out
