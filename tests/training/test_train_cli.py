@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from spinenet_tf.tasks import RetinaNetTask
 from spinenet_tf.training import gin_bindings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -145,6 +146,7 @@ def test_every_experiment_parses(experiment, runtime):
     finally:
         gin.clear_config()
     assert config.train_steps > 0 and config.image_size >= 128
+    assert isinstance(config.task, RetinaNetTask)
     if "coco" in experiment:
         assert config.train.global_batch_size == 256
         assert config.train.scale_range == (0.5, 2.0)
