@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from spinenet_tf import specs as specs_lib
+from spinenet_tf.models.retinanet import RetinaNet
 from spinenet_tf.models.spinenet import SpineNet
 
 # The variables our conv and batch-norm layers own; everything else (fusion weights, the
@@ -97,8 +98,6 @@ def from_model_garden(source, target):
     Garden RetinaNetModel). Raises ValueError naming the first variable whose shape differs,
     or when the two have different numbers of variables.
     """
-    from spinenet_tf.models.retinanet import RetinaNet
-
     if isinstance(target, RetinaNet):
         if not hasattr(source, "head"):
             raise TypeError(

@@ -19,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from pycocotools import mask as mask_utils
 
+from spinenet_tf.data import create_coco_tfrecord
+
 CATEGORIES = (
     {"id": 1, "name": "ellipse", "supercategory": "shape"},
     {"id": 2, "name": "rectangle", "supercategory": "shape"},
@@ -184,8 +186,6 @@ def ensure_dataset(
     Returns {"train": pattern, "val": pattern, "val_annotations": path}. A finished dataset
     is marked by root/records/DONE holding its arguments; other arguments regenerate it.
     """
-    from spinenet_tf.data import create_coco_tfrecord
-
     root = Path(root)
     records = root / "records"
     args = json.dumps([num_train, num_val, image_size, seed, num_shards])
