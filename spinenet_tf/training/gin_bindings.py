@@ -1,7 +1,8 @@
 """The one place gin meets the code: every configurable the .gin files may bind.
 
 Modeling code carries no gin decorators (they break Keras 3's config capture); experiments
-bind these constructors by name from gin_configs/.
+bind these constructors by name from gin_configs/: the configs, and the task
+(`ExperimentConfig.task = @RetinaNetTask()`). Other tasks join through `register_task`.
 """
 
 from __future__ import annotations
