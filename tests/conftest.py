@@ -8,6 +8,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from tensorflow.python.framework import config as tf_config  # noqa: E402
 
 # Two logical CPUs, so that MirroredStrategy tests run in-process: 1 vs 2 replicas.
 _CPU = tf.config.list_physical_devices("CPU")[0]
@@ -32,11 +33,15 @@ LARGE_IDS = ("143", "143L", "190")
 def _float32_policy():
     """Every test starts and ends with the default dtype policy, and with every random
     generator (Python, NumPy, TensorFlow, Keras) seeded: weights drawn by initialisers, ours
-    and Model Garden's, are the same in every run."""
+    and Model Garden's, are the same in every run. TF op determinism, which a deterministic
+    Trainer turns on for its whole process, is off again after each test: XLA has no
+    deterministic MaxPool gradient, so a later XLA test in the same worker would fail."""
     keras.utils.set_random_seed(0)
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
+    if tf_config.is_op_determinism_enabled():
+        tf_config.disable_op_determinism()
 
 
 @pytest.fixture
