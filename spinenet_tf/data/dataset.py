@@ -6,6 +6,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import tensorflow as tf
 
 from spinenet_tf.data.decoders import decode_example, decode_tfds
@@ -47,7 +48,11 @@ def _tfrecord_elements(
         raise FileNotFoundError(f"no files match {patterns}")
     pipelines, pipeline_id = 1, 0
     files_ds = tf.data.Dataset.from_tensor_slices(
-        (files, tf.constant([tf.io.gfile.stat(f).length for f in files], tf.int64))
+        (
+            files,
+            tf.constant([tf.io.gfile.stat(f).length for f in files], tf.int64),
+            tf.range(len(files), dtype=tf.int64),
+        )
     )
     if input_context and input_context.num_input_pipelines > 1:
         if len(files) >= input_context.num_input_pipelines:
@@ -61,7 +66,7 @@ def _tfrecord_elements(
         files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     placeholder = _placeholder(tf.data.Dataset.from_tensors("").map(decode).element_spec)
 
-    def read(shard, size):
+    def read(shard, size, file_id):
         # Bad records are found without a per-record guard: each shard is decoded in order
         # (parallel, deterministic), ignore_errors drops what fails, and a scan spots the gap
         # in record indices. A broken frame (bad length or CRC) ends TFRecordDataset's reading
@@ -91,16 +96,17 @@ def _tfrecord_elements(
             end = index < 0
             missing = tf.where(end, tf.constant(0, tf.int64), index - state[0])
             new_state = tf.where(end, state, tf.stack([index + 1, consumed]))
-            return new_state, (d, mine, end, state[0], missing, state[1])
+            return new_state, (d, mine, end, state[0], missing, state[1], index)
 
         checked = decoded.scan(tf.zeros([2], tf.int64), gaps).filter(
-            lambda d, mine, end, first_missing, missing, consumed: (
+            lambda d, mine, end, first_missing, missing, consumed, index: (
                 _check(shard, size, end, first_missing, missing, consumed, skip_corrupt, counter)
                 & mine
                 & ~end
             )
         )
-        return checked.map(lambda d, *_: d)
+        # Each record keeps its key (file, record index): its augmentation seed comes from it.
+        return checked.map(lambda d, *rest: (d, tf.stack([file_id, rest[-1]])))
 
     return files_ds.interleave(
         read,
@@ -196,12 +202,22 @@ def make_dataset(
     if cache:
         elements = elements.cache()
     if training:
-        elements = elements.repeat()
+        # Repeat forever, numbering the passes: a record's augmentation seed depends on
+        # (seed, pass, its key), not on where it falls in this pipeline's stream, so one
+        # pipeline or several (a worker each, sharing records) augment every record alike.
+        one_pass = elements
+        elements = tf.data.Dataset.range(2**62).flat_map(
+            lambda epoch: one_pass.map(lambda d, key: (d, key, epoch))
+        )
         if shuffle_buffer:
             elements = elements.shuffle(shuffle_buffer, seed=seed)
-    seeds = tf.data.Dataset.random(seed=seed).batch(2)
-    ds = tf.data.Dataset.zip(elements, seeds).map(
-        parser, num_parallel_calls=AUTOTUNE, deterministic=deterministic
+    else:
+        elements = elements.map(lambda d, key: (d, key, tf.constant(0, tf.int64)))
+    base = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> np.uint64(1)
+    ds = elements.map(
+        lambda d, key, epoch: parser(d, _element_seed(int(base), epoch, key)),
+        num_parallel_calls=AUTOTUNE,
+        deterministic=deterministic,
     )
     if not training:
         filler = ds.take(1).map(_mark_filler).repeat(batch_size - 1)
@@ -211,6 +227,14 @@ def make_dataset(
     options.deterministic = deterministic
     options.experimental_optimization.map_parallelization = True
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _element_seed(base: int, epoch, key):
+    """A stateless seed [2] from the run's base seed, the pass and an element's key."""
+    seed = tf.stack([tf.constant(base, tf.int64), epoch])
+    for i in range(key.shape[0]):
+        seed = tf.random.experimental.stateless_fold_in(seed, key[i])
+    return seed
 
 
 def _mark_filler(image, labels):
@@ -234,4 +258,7 @@ def _tfds_elements(source: TFDSSource, input_context, training: bool) -> tf.data
         read_config=tfds.ReadConfig(input_context=input_context),
         download=False,
     )
-    return ds.map(decode_tfds, num_parallel_calls=AUTOTUNE)
+    # The key of an example is its position in this pipeline's split (TFDS gives no record
+    # index without tfds_id, which mock data lacks).
+    ds = ds.map(decode_tfds, num_parallel_calls=AUTOTUNE).enumerate()
+    return ds.map(lambda index, d: (d, index[None]))

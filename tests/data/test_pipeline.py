@@ -210,6 +210,47 @@ def test_input_contexts_split_the_data(shapes_records, tmp_path, one_file):
     assert len(seen[0] | seen[1]) == 8
 
 
+def test_records_augment_alike_on_any_number_of_input_pipelines(shapes_records, tmp_path):
+    """Two workers sharing one file's records (as MultiWorkerMirroredStrategy's do) augment
+    each record exactly as one pipeline does, over several passes: the seed of a record
+    follows its key and pass, not its position in a worker's stream."""
+    parse = detection_parser(64, training=True, scale_range=(0.5, 2.0))
+    source = str(tmp_path / "one.tfrecord")
+    count = _write_with_bad_record(shapes_records, source, -1)
+    steps = 2 * count // 4 + 1  # into the third pass
+
+    def examples(ctx):
+        ds = make_dataset(
+            source,
+            parse,
+            4,
+            training=True,
+            input_context=ctx,
+            shuffle_buffer=0,
+            deterministic=True,
+            seed=3,
+        )
+        return [
+            list(zip(image, labels["boxes"], strict=True)) for image, labels in _batches(ds, steps)
+        ]
+
+    def same(a, b):
+        return np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+
+    one = examples(None)
+    two = [examples(tf.distribute.InputContext(2, i, 2)) for i in range(2)]
+    for step in range(steps):
+        merged = two[0][step] + two[1][step]
+        assert len(merged) == len(one[step]) == 4
+        for example in one[step]:  # each augmented record has an identical twin
+            twin = next((i for i, other in enumerate(merged) if same(example, other)), None)
+            assert twin is not None, f"step {step}: an example of one pipeline has no twin"
+            merged.pop(twin)
+    # A record is augmented anew on each pass: pass 2 repeats pass 1's records, not images.
+    per_pass = count // 4
+    assert not any(same(a, b) for a in one[0] for b in one[per_pass])
+
+
 def _write_with_bad_record(shapes_records, path, bad_index):
     good = list(tf.data.TFRecordDataset(tf.io.gfile.glob(shapes_records["val"])))
     with tf.io.TFRecordWriter(str(path)) as w:
@@ -295,6 +336,9 @@ def test_tfds_source_with_mock_data():
         ds = make_dataset(TFDSSource("coco/2017", "validation"), parse, 4, training=False)
         (image, gt), *_ = _batches(ds)
     assert image.shape == (4, 64, 64, 3)
+    # Without deterministic=True, parallel decoding may reorder examples: sort by id.
+    order = np.argsort(gt["source_id"])
+    gt = {k: v[order] for k, v in gt.items()}
     np.testing.assert_array_equal(gt["source_id"], [100, 101, 102, 103])
     np.testing.assert_array_equal(gt["classes"][:, :3], [[1, 80, -1]] * 4)  # 0-79 -> 1-80
     np.testing.assert_allclose(gt["boxes"][0, 0], [4.8, 6.4, 24, 32], rtol=1e-4)
