@@ -191,7 +191,13 @@ def _check_retinanet_parity(model_id, rng, detections=True):
         # position that NMS keeps both) may come in either order: compare each run of
         # equal scores as a set, ordered by class and box.
         starts = np.flatnonzero(np.r_[True, ~np.isclose(scores[1:], scores[:-1], rtol=1e-6)])
-        for start, stop in zip(starts, np.r_[starts[1:], n], strict=True):
+        stops = np.r_[starts[1:], n]
+        if n == det["scores"].shape[1]:
+            # A run of equal scores cut by the detection limit: which of the tied candidates
+            # made the cut is arbitrary on both sides. Its scores are compared above.
+            starts, stops = starts[:-1], stops[:-1]
+        assert len(stops) and stops[-1] > 10  # most detections are compared one by one
+        for start, stop in zip(starts, stops, strict=True):
             rows = []
             for side, (cls_key, box_key) in (
                 (det, ("classes", "boxes")),
@@ -220,4 +226,8 @@ def test_converted_mobile_retinanet_outputs_equal_model_garden(rng):
 @pytest.mark.slow
 @pytest.mark.parametrize("model_id", ["49", "96", "143", "190", "mobile-49S", "mobile-49"])
 def test_converted_retinanet_equals_model_garden_large(model_id, rng):
-    _check_retinanet_parity(model_id, rng, detections=not model_id.startswith("mobile"))
+    # Detections are compared where a random head gives distinct scores: 143's and 190's
+    # saturate (all 100 detections score the same within 1e-6, so which candidates NMS keeps
+    # is arbitrary on both sides), as the mobile heads tie (see above). Decoding is the same
+    # code for every model id.
+    _check_retinanet_parity(model_id, rng, detections=model_id in ("49", "96"))
