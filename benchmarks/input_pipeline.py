@@ -53,7 +53,7 @@ def _with_threads(ds: tf.data.Dataset, threads: int) -> tf.data.Dataset:
 def ours(pattern: str, image_size: int, threads: int) -> tf.data.Dataset:
     model = build_retinanet("49S", 91, image_size)
     parser = detection_parser(
-        image_size, training=True, scale_range=(0.5, 2.0), targets_fn=model.anchor_matches
+        image_size, training=True, scale_range=(0.5, 2.0), targets_fn=model.labeler.matches
     )
     ds = make_dataset(pattern, parser, BATCH, training=True, shuffle_buffer=64)
     return _with_threads(ds, threads)

@@ -46,7 +46,8 @@ def _targets(model, batch):
             h, w = rng.uniform(30, 200, 2)
             boxes[b, i], classes[b, i] = [y, x, y + h, x + w], rng.integers(1, NUM_CLASSES)
     return {
-        k: tf.constant(v) for k, v in model.targets({"boxes": boxes, "classes": classes}).items()
+        k: tf.constant(v)
+        for k, v in model.labeler.targets({"boxes": boxes, "classes": classes}).items()
     }
 
 

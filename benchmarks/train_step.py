@@ -90,7 +90,7 @@ def our_step(model_id, size, policy, images, groundtruth, jit, model_dir):
         jit_compile=jit,
     )
     trainer = Trainer(config, model_dir)
-    labels = dict(groundtruth, **trainer.model.anchor_matches(groundtruth))
+    labels = dict(groundtruth, **trainer.model.labeler.matches(groundtruth))
     dataset = tf.data.Dataset.from_tensors((images, labels)).repeat()
     iterator = iter(trainer.strategy.experimental_distribute_dataset(dataset))
     loop = trainer._make_train_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
 
@@ -30,23 +31,90 @@ def _placeholder(spec):
     )
 
 
+@dataclasses.dataclass
+class _TFRecordReader:
+    """Decoded, checked records of TFRecord shards, each keyed by (file index, record index).
+
+    Bad records are found without a per-record guard: each shard is decoded in order
+    (parallel, deterministic), ignore_errors drops what fails, and a scan spots the gap in
+    record indices. A broken frame (bad length or CRC) ends TFRecordDataset's reading of a
+    shard; the bytes read then fall short of the file size, checked at the end.
+    """
+
+    decode: Callable
+    skip_corrupt: bool
+    counter: tf.Variable | None
+    # With fewer files than input pipelines, every pipeline reads every file and decodes
+    # the records whose index is pipeline_id modulo pipelines.
+    pipelines: int = 1
+    pipeline_id: int = 0
+
+    def __post_init__(self):
+        spec = tf.data.Dataset.from_tensors("").map(self.decode).element_spec
+        self.placeholder = _placeholder(spec)
+
+    def __call__(self, shard, size, file_id) -> tf.data.Dataset:
+        """(decoded record, key [2]) for the records of one shard that this pipeline owns."""
+        checked = self._in_order(shard).scan(tf.zeros([2], tf.int64), self._gaps)
+        checked = checked.filter(
+            lambda d, mine, end, first_missing, missing, consumed, index: (
+                _check(
+                    shard,
+                    size,
+                    end,
+                    first_missing,
+                    missing,
+                    consumed,
+                    self.skip_corrupt,
+                    self.counter,
+                )
+                & mine
+                & ~end
+            )
+        )
+        # Each record keeps its key (file, record index): its augmentation seed comes from it.
+        return checked.map(lambda d, *rest: (d, tf.stack([file_id, rest[-1]])))
+
+    def _in_order(self, shard) -> tf.data.Dataset:
+        """(decoded or placeholder, record index, bytes consumed, mine) for the records that
+        decode, then an end marker with index -1."""
+
+        def account(consumed, record):
+            consumed += tf.cast(tf.strings.length(record), tf.int64) + 16
+            return consumed, (record, consumed)
+
+        def decode_mine(index, element):
+            record, consumed = element
+            mine = index % self.pipelines == self.pipeline_id
+            d = tf.cond(mine, lambda: self.decode(record), lambda: self.placeholder)
+            return d, index, consumed, mine
+
+        raw = tf.data.TFRecordDataset(shard).ignore_errors()
+        raw = raw.scan(tf.constant(0, tf.int64), account).enumerate()
+        decoded = raw.map(decode_mine, num_parallel_calls=AUTOTUNE, deterministic=True)
+        end = (self.placeholder, tf.constant(-1, tf.int64), tf.constant(-1, tf.int64), False)
+        return decoded.ignore_errors().concatenate(tf.data.Dataset.from_tensors(end))
+
+    @staticmethod
+    def _gaps(state, element):
+        """Scan state [next expected index, bytes consumed]; emits what `_check` needs."""
+        d, index, consumed, mine = element
+        end = index < 0
+        missing = tf.where(end, tf.constant(0, tf.int64), index - state[0])
+        new_state = tf.where(end, state, tf.stack([index + 1, consumed]))
+        return new_state, (d, mine, end, state[0], missing, state[1], index)
+
+
 def _tfrecord_elements(
-    patterns,
-    decode: Callable,
-    input_context,
-    training,
-    seed,
-    cycle_length,
-    deterministic,
-    skip_corrupt,
-    counter,
-):
-    """Decoded records of the matching files, for this input pipeline."""
+    patterns, decode: Callable, input_context, training, seed, read_options: dict
+) -> tf.data.Dataset:
+    """Decoded records of the matching files, for this input pipeline. read_options:
+    cycle_length, deterministic, skip_corrupt, counter."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
     if not files:
         raise FileNotFoundError(f"no files match {patterns}")
-    pipelines, pipeline_id = 1, 0
+    reader = _TFRecordReader(decode, read_options["skip_corrupt"], read_options["counter"])
     files_ds = tf.data.Dataset.from_tensor_slices(
         (
             files,
@@ -60,59 +128,15 @@ def _tfrecord_elements(
                 input_context.num_input_pipelines, input_context.input_pipeline_id
             )
         else:  # fewer files than hosts: every host reads all and decodes its share of records
-            pipelines = input_context.num_input_pipelines
-            pipeline_id = input_context.input_pipeline_id
+            reader.pipelines = input_context.num_input_pipelines
+            reader.pipeline_id = input_context.input_pipeline_id
     if training:
         files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    placeholder = _placeholder(tf.data.Dataset.from_tensors("").map(decode).element_spec)
-
-    def read(shard, size, file_id):
-        # Bad records are found without a per-record guard: each shard is decoded in order
-        # (parallel, deterministic), ignore_errors drops what fails, and a scan spots the gap
-        # in record indices. A broken frame (bad length or CRC) ends TFRecordDataset's reading
-        # of a shard; the bytes read then fall short of the file size, checked at the end.
-        def account(consumed, record):
-            consumed += tf.cast(tf.strings.length(record), tf.int64) + 16
-            return consumed, (record, consumed)
-
-        raw = tf.data.TFRecordDataset(shard).ignore_errors()
-        raw = raw.scan(tf.constant(0, tf.int64), account).enumerate()
-
-        def decode_mine(index, element):
-            record, consumed = element
-            mine = index % pipelines == pipeline_id
-            d = tf.cond(mine, lambda: decode(record), lambda: placeholder)
-            return d, index, consumed, mine
-
-        decoded = raw.map(decode_mine, num_parallel_calls=AUTOTUNE, deterministic=True)
-        decoded = decoded.ignore_errors().concatenate(
-            tf.data.Dataset.from_tensors(
-                (placeholder, tf.constant(-1, tf.int64), tf.constant(-1, tf.int64), False)
-            )
-        )
-
-        def gaps(state, element):
-            d, index, consumed, mine = element
-            end = index < 0
-            missing = tf.where(end, tf.constant(0, tf.int64), index - state[0])
-            new_state = tf.where(end, state, tf.stack([index + 1, consumed]))
-            return new_state, (d, mine, end, state[0], missing, state[1], index)
-
-        checked = decoded.scan(tf.zeros([2], tf.int64), gaps).filter(
-            lambda d, mine, end, first_missing, missing, consumed, index: (
-                _check(shard, size, end, first_missing, missing, consumed, skip_corrupt, counter)
-                & mine
-                & ~end
-            )
-        )
-        # Each record keeps its key (file, record index): its augmentation seed comes from it.
-        return checked.map(lambda d, *rest: (d, tf.stack([file_id, rest[-1]])))
-
     return files_ds.interleave(
-        read,
-        cycle_length=min(cycle_length, len(files)),
+        reader,
+        cycle_length=min(read_options["cycle_length"], len(files)),
         num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic,
+        deterministic=read_options["deterministic"],
     )
 
 
@@ -188,31 +212,17 @@ def make_dataset(
     if isinstance(source, TFDSSource):
         elements = _tfds_elements(source, input_context, training)
     else:
-        elements = _tfrecord_elements(
-            source,
-            lambda r: decode_example(r, include_masks),
-            input_context,
-            training,
-            seed,
-            cycle_length,
-            deterministic,
-            skip_corrupt,
-            skipped_counter,
+        read_options = dict(
+            cycle_length=cycle_length,
+            deterministic=deterministic,
+            skip_corrupt=skip_corrupt,
+            counter=skipped_counter,
         )
+        decode = functools.partial(decode_example, include_masks=include_masks)
+        elements = _tfrecord_elements(source, decode, input_context, training, seed, read_options)
     if cache:
         elements = elements.cache()
-    if training:
-        # Repeat forever, numbering the passes: a record's augmentation seed depends on
-        # (seed, pass, its key), not on where it falls in this pipeline's stream, so one
-        # pipeline or several (a worker each, sharing records) augment every record alike.
-        one_pass = elements
-        elements = tf.data.Dataset.range(2**62).flat_map(
-            lambda epoch: one_pass.map(lambda d, key: (d, key, epoch))
-        )
-        if shuffle_buffer:
-            elements = elements.shuffle(shuffle_buffer, seed=seed)
-    else:
-        elements = elements.map(lambda d, key: (d, key, tf.constant(0, tf.int64)))
+    elements = _passes(elements, training, shuffle_buffer, seed)
     base = np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> np.uint64(1)
     ds = elements.map(
         lambda d, key, epoch: parser(d, _element_seed(int(base), epoch, key)),
@@ -227,6 +237,19 @@ def make_dataset(
     options.deterministic = deterministic
     options.experimental_optimization.map_parallelization = True
     return ds.with_options(options).prefetch(AUTOTUNE)
+
+
+def _passes(elements, training: bool, shuffle_buffer: int, seed) -> tf.data.Dataset:
+    """(d, key) -> (d, key, pass number). Training repeats forever, numbering the passes, and
+    shuffles: a record's augmentation seed depends on (seed, pass, its key), not on where it
+    falls in this pipeline's stream, so one pipeline or several (a worker each, sharing
+    records) augment every record alike."""
+    if not training:
+        return elements.map(lambda d, key: (d, key, tf.constant(0, tf.int64)))
+    repeated = tf.data.Dataset.range(2**62).flat_map(
+        lambda epoch: elements.map(lambda d, key: (d, key, epoch))
+    )
+    return repeated.shuffle(shuffle_buffer, seed=seed) if shuffle_buffer else repeated
 
 
 def _element_seed(base: int, epoch, key):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from spinenet_tf.ops.geometry import boxes_to_original
+
 # ImageNet statistics in 0-255, as Model Garden's SpineNet pipelines normalise.
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -53,7 +55,6 @@ def resize_and_crop(
     output_size,
     scale_range=(1.0, 1.0),
     seed=None,
-    keep_empty_boxes: bool = False,
 ) -> dict:
     """Scale jitter and random crop (Model Garden's resize_and_crop_image, with its meaning of
     jitter: the image is fitted into output_size * s for s drawn from scale_range, then a
@@ -61,8 +62,8 @@ def resize_and_crop(
 
     The image stays unpadded (at most output_size) and becomes float32. Boxes become pixels of
     the output frame, clipped to the window; boxes left without area (cropped away, or zero
-    height or width) are dropped with their instances, unless keep_empty_boxes (evaluation),
-    and any box of positive area is kept, sub-pixel ones included (as Model Garden).
+    height or width) are dropped with their instances, and any box of positive area is kept,
+    sub-pixel ones included (as Model Garden).
     `image_info` = [[h, w], [out_h, out_w], [scale_y, scale_x],
     [offset_y, offset_x]].
     """
@@ -109,9 +110,32 @@ def resize_and_crop(
     boxes = tf.clip_by_value(boxes, 0.0, tf.tile(window_f, [2]))
     out = dict(d, image=image, boxes=boxes)
     out["image_info"] = tf.stack([hw, tf.constant([out_h, out_w], tf.float32), scale_yx, offset_f])
-    if keep_empty_boxes:
-        return out
     return _keep_instances(out, (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+
+
+def fit_image(images, output_size):
+    """The evaluation and serving resize: images [..., H, W, 3] (a batch shares one size)
+    fitted into output_size keeping the aspect ratio (bilinear, float32, unpadded).
+
+    Returns (resized, image_info [4, 2]) with no crop offset; `resize_and_crop` without
+    jitter computes the same image and image_info.
+    """
+    hw = tf.cast(tf.shape(images)[-3:-1], tf.float32)
+    out = tf.constant(output_size, tf.float32)
+    scaled = tf.cast(tf.round(hw * tf.reduce_min(out / hw)), tf.int32)
+    scaled = tf.minimum(scaled, tf.constant(output_size, tf.int32))
+    scale_yx = tf.cast(scaled, tf.float32) / hw
+    resized = tf.image.resize(images, scaled, method="bilinear", antialias=False)
+    return resized, tf.stack([hw, out, scale_yx, tf.zeros([2])])
+
+
+def fit(d: dict, output_size) -> dict:
+    """Evaluation's `resize_and_crop`: the whole image fitted into output_size (`fit_image`),
+    boxes (normalised) to pixels of the output frame, clipped to the image, every box kept."""
+    image, info = fit_image(d["image"], output_size)
+    size = tf.tile(tf.cast(tf.shape(image)[:2], tf.float32), [2])
+    boxes = tf.clip_by_value(d["boxes"] * size, 0.0, size)
+    return dict(d, image=image, boxes=boxes, image_info=info)
 
 
 def keep_first_instances(d: dict, n: int) -> dict:
@@ -151,19 +175,12 @@ def pad_instances(d: dict, max_instances: int = 100, at_least: bool = False) -> 
     return out
 
 
-def cast_image(d: dict, dtype) -> dict:
-    return {**d, "image": tf.cast(d["image"], dtype)}
-
-
 def groundtruth(d: dict) -> dict:
     """Evaluation ground truth after pad_instances: boxes back in original pixels."""
-    info = d["image_info"]
-    scale = tf.tile(info[2], [2])
-    offset = tf.tile(info[3], [2])
     return {
         "source_id": d["source_id"],
-        "image_info": info,
-        "boxes": (d["boxes"] + offset) / scale,
+        "image_info": d["image_info"],
+        "boxes": boxes_to_original(d["boxes"], d["image_info"]),
         "classes": d["classes"],
         "is_crowd": d["is_crowd"],
         "areas": d["areas"],

@@ -25,8 +25,8 @@ def detection_parser(
 
     Training labels: padded ground truth {"boxes" (output pixels), "classes", "is_crowd",
     "num_instances"} (+ "masks" [M, mask_size, mask_size]) and, when targets_fn is given,
-    what it returns for the unpadded ground truth: `RetinaNet.anchor_matches` (compact,
-    matching on the host, encoding on the accelerator) or `RetinaNet.targets` (all of it).
+    what it returns for the unpadded ground truth: `AnchorLabeler.matches` (compact,
+    matching on the host, encoding on the accelerator) or `AnchorLabeler.targets` (all of it).
     Evaluation labels: `ops.groundtruth` (source id, image_info, boxes in original pixels,
     classes, crowd flags, areas). Images are normalised, zero-padded to image_size and cast
     to image_dtype (bfloat16 for TPUs halves host-to-device traffic).
@@ -42,14 +42,10 @@ def detection_parser(
             d = ops.crop_masks(d, mask_size)
         elif "masks" in d:
             d = {k: v for k, v in d.items() if k != "masks"}
-        d = ops.resize_and_crop(
-            d,
-            image_size,
-            scale_range if training else (1.0, 1.0),
-            seed,
-            # Evaluation keeps every box; COCO scores against all of them.
-            keep_empty_boxes=not training,
-        )
+        if training:
+            d = ops.resize_and_crop(d, image_size, scale_range, seed)
+        else:  # the exported model's preprocessing; every box kept: COCO scores all of them
+            d = ops.fit(d, image_size)
         d = ops.normalize_image(d)
         d = ops.pad_image(d, image_size)
         targets = None

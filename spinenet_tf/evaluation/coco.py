@@ -12,6 +12,8 @@ import tensorflow as tf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from spinenet_tf.ops.geometry import boxes_to_original
+
 METRIC_NAMES = (
     "AP",
     "AP50",
@@ -62,11 +64,8 @@ class CocoEvaluator:
                 continue
             info = g["image_info"][i]
             n = int(d["num_detections"][i])
-            scale = np.tile(info[2], 2)
-            offset = np.tile(info[3], 2)
-            boxes = (d["boxes"][i, :n] + offset) / scale
+            boxes = boxes_to_original(d["boxes"][i, :n], info, clip=True).numpy()
             height, width = info[0]
-            boxes = np.clip(boxes, 0, [height, width, height, width])
             for box, score, cls in zip(
                 _xywh(boxes), d["scores"][i, :n], d["classes"][i, :n], strict=True
             ):

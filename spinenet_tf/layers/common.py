@@ -176,9 +176,3 @@ def nearest_upsample(x, scale: int, target_hw=None):
         if not (known and list(target_hw) == static):  # a no-op slice still copies on CPU
             x = x[:, : target_hw[0], : target_hw[1], :]
     return x
-
-
-def level_size(image_hw, level: int):
-    """Spatial size of `level` for an image of size `image_hw`: ceil(size / 2**level)."""
-    stride = 2**level
-    return tuple((s + stride - 1) // stride for s in image_hw)

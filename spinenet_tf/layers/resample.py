@@ -5,7 +5,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from spinenet_tf.layers.common import ConvSettings, get_activation, level_size, nearest_upsample
+from spinenet_tf.layers.common import ConvSettings, get_activation, nearest_upsample
+from spinenet_tf.ops.geometry import level_size
 
 
 class _Resample(keras.layers.Layer):
@@ -43,8 +44,7 @@ class _Resample(keras.layers.Layer):
 
     def compute_output_shape(self, input_shapes):
         image_shape = input_shapes[1]
-        stride = 2**self.target_level
-        hw = [None if d is None else (d + stride - 1) // stride for d in image_shape[1:3]]
+        hw = level_size(image_shape[1:3], self.target_level)
         return (input_shapes[0][0], *hw, self.output_filters)
 
     def get_config(self):

@@ -9,17 +9,11 @@ import keras
 from keras import ops
 
 from spinenet_tf import specs as specs_lib
-from spinenet_tf.layers.common import ConvSettings
 from spinenet_tf.models.heads import RetinaNetHead
-from spinenet_tf.models.spinenet import SpineNet, build_backbone
+from spinenet_tf.models.spinenet import BACKBONE_ARGS, SpineNet, build_backbone
 from spinenet_tf.ops.anchors import AnchorConfig
 from spinenet_tf.ops.postprocess import DetectionConfig, generate_detections
-from spinenet_tf.ops.targets import (
-    build_targets,
-    match_anchors,
-    retinanet_losses,
-    targets_from_matches,
-)
+from spinenet_tf.ops.targets import AnchorLabeler, LossConfig, MatchingConfig, retinanet_losses
 
 
 @keras.saving.register_keras_serializable(package="spinenet_tf")
@@ -31,13 +25,14 @@ class RetinaNet(keras.Model):
     return decoded detections {"boxes", "scores", "classes", "num_detections"} with boxes
     in input pixels (ymin, xmin, ymax, xmax). Class 0 is background.
 
-    Training (`compile` + `fit`) takes y as either the targets of
-    `spinenet_tf.ops.targets.build_targets` (the input pipeline's job on TPUs) or padded
+    Training (`compile` + `fit`) takes y as either targets of `model.labeler` (an
+    `AnchorLabeler`: the input pipeline matches on the host, `labeler.matches`) or padded
     ground truth {"boxes": [B, M, 4] in input pixels, "classes": [B, M] (-1 pads),
-    optionally "is_crowd": [B, M]}, matched to anchors in the graph. Matching follows
-    SpineNet's own code (see `spinenet_tf.ops.targets.build_targets`): positive at IoU >=
-    `match_iou`, negative below `unmatched_iou` (both 0.5: no ignore band; the RetinaNet
-    paper's band is unmatched_iou=0.4), crowd boxes dropped unless `crowd_ignore_ioa` is set.
+    optionally "is_crowd": [B, M]}, matched to anchors in the graph. `matching`
+    (`MatchingConfig`) follows SpineNet's own code by default: positive at IoU >= 0.5,
+    negative below (no ignore band; the RetinaNet paper's band is unmatched_iou=0.4), crowd
+    boxes dropped unless crowd_ignore_ioa is set. `loss` (`LossConfig`) sets the focal and box
+    losses, `detection` (`DetectionConfig`) the decoding, `anchor` (`AnchorConfig`) the anchors.
     """
 
     def __init__(
@@ -50,14 +45,8 @@ class RetinaNet(keras.Model):
         head_num_filters: int = 256,
         head_separable: bool = False,
         prior_prob: float = 0.01,
-        match_iou: float = 0.5,
-        unmatched_iou: float = 0.5,
-        crowd_ignore_ioa: float | None = None,
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 1.5,
-        huber_delta: float = 0.1,
-        box_loss_weight: float = 50.0,
-        train_background: bool = False,
+        matching: MatchingConfig | dict | None = None,
+        loss: LossConfig | dict | None = None,
         detection: DetectionConfig | dict | None = None,
         **kwargs,
     ):
@@ -73,13 +62,14 @@ class RetinaNet(keras.Model):
                 f"backbone's {backbone.min_level}-{backbone.max_level}"
             )
         detection = _dataclass(DetectionConfig, detection)
+        matching = _dataclass(MatchingConfig, matching)
+        loss = _dataclass(LossConfig, loss)
         config = {
             k: v
             for k, v in locals().items()
             if k in inspect.signature(RetinaNet.__init__).parameters
             and k not in ("self", "kwargs", "backbone")
         }
-        bb = backbone.get_config()
         head = RetinaNetHead(
             num_classes,
             anchor.num_anchors_per_location,
@@ -88,14 +78,9 @@ class RetinaNet(keras.Model):
             num_convs=head_num_convs,
             num_filters=head_num_filters,
             use_separable_conv=head_separable,
-            activation=bb["activation"],
+            activation=backbone.activation,
             prior_prob=prior_prob,
-            settings=ConvSettings(
-                kernel_regularizer=bb["kernel_regularizer"],
-                norm_momentum=bb["norm_momentum"],
-                norm_epsilon=bb["norm_epsilon"],
-                use_sync_bn=bb["use_sync_bn"],
-            ),
+            settings=backbone.conv_settings,
             name="head",
         )
         image = keras.Input(shape=(*image_size, 3), name="image")
@@ -111,62 +96,28 @@ class RetinaNet(keras.Model):
         self.image_size = image_size
         self.anchor_config = anchor
         self.detection_config = detection
+        self.loss_config = loss
         self.anchor_boxes = anchor.boxes(image_size)
         self.level_sizes = anchor.level_sizes(image_size)
+        self.labeler = AnchorLabeler(self.anchor_boxes, matching)
         self._retinanet_config = {
             **config,
             "image_size": list(image_size),
             "anchor": anchor.to_config(),
+            "matching": dataclasses.asdict(matching),
+            "loss": dataclasses.asdict(loss),
             "detection": dataclasses.asdict(detection),
         }
 
-    def targets(self, y) -> dict:
-        """Training targets from y: passed through if already built, encoded from host-side
-        `anchor_matches`, or matched here from padded ground truth."""
-        if "cls_targets" in y:
-            return y
-        if "boxes" not in y or "classes" not in y:
-            raise ValueError(
-                "RetinaNet targets need either cls_targets / box_targets / cls_weights / "
-                f"box_weights or padded boxes / classes; got keys {sorted(y)}"
-            )
-        if "anchor_matches" in y:
-            return targets_from_matches(
-                y["anchor_matches"], self.anchor_boxes, y["boxes"], y["classes"]
-            )
-        return build_targets(self.anchor_boxes, y["boxes"], y["classes"], **self._match_args(y))
-
-    def anchor_matches(self, y) -> dict:
-        """{"anchor_matches": [..., N]} for padded ground truth y: the input pipeline's share of
-        the targets (see `spinenet_tf.ops.targets.match_anchors`)."""
-        return {
-            "anchor_matches": match_anchors(
-                self.anchor_boxes, y["boxes"], y["classes"], **self._match_args(y)
-            )
-        }
-
-    def _match_args(self, y) -> dict:
-        c = self._retinanet_config
-        return {
-            "is_crowd": y.get("is_crowd"),
-            "match_iou": c["match_iou"],
-            "unmatched_iou": c["unmatched_iou"],
-            "crowd_ignore_ioa": c["crowd_ignore_ioa"],
-        }
-
     def losses_from(self, y, y_pred, normalizer=None) -> dict:
-        """Focal, box and total loss; see `retinanet_losses` for `normalizer`."""
-        c = self._retinanet_config
+        """Focal, box and total loss for y (anything `labeler.targets` takes); see
+        `retinanet_losses` for `normalizer`."""
         return retinanet_losses(
             y_pred["class_logits"],
             y_pred["box_deltas"],
-            self.targets(y),
-            alpha=c["focal_alpha"],
-            gamma=c["focal_gamma"],
-            huber_delta=c["huber_delta"],
-            box_loss_weight=c["box_loss_weight"],
+            self.labeler.targets(y),
+            self.loss_config,
             normalizer=normalizer,
-            train_background=c["train_background"],
         )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
@@ -229,10 +180,14 @@ def _flatten(per_level: dict, channels: int):
 
 
 WEIGHT_DECAY = 4e-5
+# What build_retinanet's overrides may set on the RetinaNet (num_classes and image_size are
+# its own arguments).
 _RETINANET_ARGS = set(inspect.signature(RetinaNet.__init__).parameters) - {
     "self",
     "kwargs",
     "backbone",
+    "num_classes",
+    "image_size",
 }
 
 
@@ -245,12 +200,13 @@ def build_retinanet(
 ) -> RetinaNet:
     """Builds RetinaNet-SpineNet `model_id` with its paper / Model Garden head and anchors.
 
-    `image_size` defaults to the paper's size for the model id; `overrides` may hold
-    RetinaNet arguments (head_num_filters, detection, ...) and backbone arguments
-    (activation, init_stochastic_depth_rate, ...). Convolution kernels get `weight_decay`
-    (the paper's 4e-5; the SpineNet-Mobile recipes use 3e-5) as L2(weight_decay / 2), whose
-    gradient is weight_decay * w (Model Garden's l2(weight_decay / 2)), unless
-    `kernel_regularizer` is given.
+    `image_size` defaults to the paper's size for the model id. `overrides` may hold
+    RetinaNet arguments (head_num_filters; matching, loss, detection and anchor as dicts of
+    their config's fields, merged over the defaults, e.g. matching={'unmatched_iou': 0.4})
+    and backbone arguments (activation, init_stochastic_depth_rate, ...). Convolution kernels
+    get `weight_decay` (the paper's 4e-5; the SpineNet-Mobile recipes use 3e-5) as
+    L2(weight_decay / 2), whose gradient is weight_decay * w (Model Garden's
+    l2(weight_decay / 2)), unless `kernel_regularizer` is given.
     """
     if weight_decay:
         overrides.setdefault("kernel_regularizer", keras.regularizers.L2(weight_decay / 2))
@@ -258,16 +214,28 @@ def build_retinanet(
     image_size = _hw(image_size or specs_lib.PAPER_IMAGE_SIZES[scaling.model_id])
     head_args = {k: overrides.pop(k) for k in list(overrides) if k in _RETINANET_ARGS}
     name = overrides.pop("name", f"retinanet_{model_id.lower().replace('-', '_')}")
-    backbone = build_backbone(model_id, input_shape=(*image_size, 3), **overrides)
+    unknown = sorted(set(overrides) - BACKBONE_ARGS)
+    if unknown:
+        raise ValueError(
+            f"unknown model setting(s) {unknown}; RetinaNet takes {sorted(_RETINANET_ARGS)} "
+            f"and the backbone {sorted(BACKBONE_ARGS)}"
+        )
+    backbone = build_backbone(scaling, input_shape=(*image_size, 3), **overrides)
+    anchor = head_args.pop("anchor", None)
+    if not isinstance(anchor, AnchorConfig):
+        anchor = AnchorConfig(
+            **{
+                "min_level": backbone.min_level,
+                "max_level": backbone.max_level,
+                "anchor_size": scaling.anchor_size,
+                **(anchor or {}),
+            }
+        )
     kwargs = dict(
         head_num_convs=scaling.head_num_convs,
         head_num_filters=scaling.head_num_filters,
         head_separable=scaling.head_separable,
-        anchor=AnchorConfig(
-            min_level=backbone.min_level,
-            max_level=backbone.max_level,
-            anchor_size=scaling.anchor_size,
-        ),
+        anchor=anchor,
     )
     kwargs.update(head_args)
     return RetinaNet(backbone, num_classes, image_size, name=name, **kwargs)

@@ -128,6 +128,9 @@ class SpineNet(keras.Model):
         self.block_specs = specs
         self.min_level, self.max_level = min_level, max_level
         self.endpoints_num_filters = endpoints_num_filters
+        # What every conv and batch norm shares; heads on this backbone use the same.
+        self.conv_settings = settings
+        self.activation = activation
         # Top-level layer names in forward-execution order; the checkpoint converter pairs
         # variables with Model Garden's by this order.
         self.call_order = tuple(builder.call_order)
@@ -273,18 +276,28 @@ class _Builder:
         return endpoints
 
 
-def build_backbone(model_id: str, input_shape=(None, None, 3), **overrides) -> SpineNet:
-    """Builds the SpineNet backbone `model_id` (see spinenet_tf.specs.MODEL_IDS).
+BACKBONE_ARGS = frozenset(
+    set(inspect.signature(SpineNet.__init__).parameters) - {"self", "kwargs"} | {"name", "dtype"}
+)
+
+
+def build_backbone(
+    model_id: str | specs_lib.Scaling, input_shape=(None, None, 3), **overrides
+) -> SpineNet:
+    """Builds the SpineNet backbone `model_id` (see spinenet_tf.specs.MODEL_IDS), or of a
+    scaling-table row.
 
     `overrides` are SpineNet constructor arguments replacing the scaling table's values.
     """
-    scaling = specs_lib.get_scaling(model_id)
-    allowed = set(inspect.signature(SpineNet.__init__).parameters) - {"self", "kwargs"}
-    allowed |= {"name", "dtype"}
-    unknown = sorted(set(overrides) - allowed)
+    if isinstance(model_id, specs_lib.Scaling):
+        scaling, model_id = model_id, model_id.model_id
+    else:
+        scaling = specs_lib.get_scaling(model_id)
+    unknown = sorted(set(overrides) - BACKBONE_ARGS)
     if unknown:
         raise ValueError(
-            f"unknown override(s) {unknown} for build_backbone; expected some of {sorted(allowed)}"
+            f"unknown override(s) {unknown} for build_backbone; expected some of "
+            f"{sorted(BACKBONE_ARGS)}"
         )
     kwargs = dict(
         family=scaling.family,

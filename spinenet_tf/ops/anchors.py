@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
+
+from spinenet_tf.ops.geometry import level_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,7 @@ class AnchorConfig:
         return range(self.min_level, self.max_level + 1)
 
     def feature_size(self, image_hw, level: int) -> tuple[int, int]:
-        return tuple(int(math.ceil(s / 2**level)) for s in image_hw)
+        return level_size(tuple(int(s) for s in image_hw), level)
 
     def level_boxes(self, image_hw, level: int) -> np.ndarray:
         """Anchors of one level, [H_l, W_l, A, 4] as (ymin, xmin, ymax, xmax) in pixels.

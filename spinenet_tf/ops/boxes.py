@@ -63,11 +63,3 @@ def pairwise_iou(boxes1, boxes2):
     inter = inter_h * inter_w
     union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter
     return tf.where(union > 0.0, inter / tf.maximum(union, _EPSILON), 0.0)
-
-
-def scaled_image_hw(image_info):
-    """The (height, width) [..., 2] of the image inside the padded network input, from
-    image_info [..., 4, 2] = [original hw, input hw, scale yx, offset yx] (the data pipeline's
-    and the exported model's layout): round(original * scale), at most the input size."""
-    info = tf.convert_to_tensor(image_info, tf.float32)
-    return tf.minimum(tf.round(info[..., 0, :] * info[..., 2, :]), info[..., 1, :])

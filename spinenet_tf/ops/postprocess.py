@@ -72,7 +72,7 @@ def generate_detections(
         image_hw: (height, width) of the network input.
         config: see DetectionConfig.
         valid_hw: optional [B, 2] (height, width) of each image inside the padded input
-            (`spinenet_tf.ops.boxes.scaled_image_hw` of its image_info); None means the whole
+            (`spinenet_tf.ops.geometry.scaled_image_hw` of its image_info); None means the whole
             input. Boxes are clipped to it (and to image_hw) before NMS, so that NMS compares
             what is left inside the image. (Model Garden clips to its image_info[:, 1, :],
             which holds the desired output size, i.e. the whole square canvas, despite its
@@ -84,43 +84,10 @@ def generate_detections(
         num_detections are zero.
     """
     class_logits = tf.cast(class_logits, tf.float32)[:, :, 1:]
-    box_deltas = tf.cast(box_deltas, tf.float32)
-    anchors = tf.convert_to_tensor(anchors, tf.float32)
-    num_anchors, num_fg = sum(level_sizes), class_logits.shape[2]
-
-    # Candidates come out so that, among equal scores, the lower index has the lower class,
-    # then the lower anchor: the NMS breaks ties by index, and this is Model Garden's order.
-    if config.pre_nms == "per_class":
-        logits, anchor_idx, classes = _top_k_per_class(
-            class_logits, num_anchors, config.pre_nms_top_k
-        )
-    else:
-        logits, anchor_idx, classes = _top_k_per_level(
-            class_logits, level_sizes, config.pre_nms_top_k
-        )
-    scores = tf.sigmoid(logits)
-    boxes = decode_boxes(
-        tf.gather(box_deltas, anchor_idx, batch_dims=1), tf.gather(anchors, anchor_idx)
-    )
-    hw = tf.constant([float(image_hw[0]), float(image_hw[1])])
-    if valid_hw is not None:
-        hw = tf.minimum(tf.cast(valid_hw, tf.float32), hw)
-    limits = tf.concat([hw, hw], axis=-1)[..., None, :]  # [1, 4] or [B, 1, 4]
-    boxes = tf.maximum(tf.minimum(boxes, limits), 0.0)
-
-    if config.nms == "combined":
-        kept_boxes, kept_scores, kept_classes, num = _combined_nms(
-            boxes, scores, classes, num_fg, config
-        )
-    else:
-        if config.pre_nms == "per_class" and not config.class_agnostic:
-            kept, valid = _greedy_nms_by_class(boxes, scores, num_fg, config)
-        else:
-            kept, valid = _greedy_nms(boxes, scores, classes, config)
-        num = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
-        kept_boxes = tf.gather(boxes, kept, batch_dims=1)
-        kept_scores = tf.gather(scores, kept, batch_dims=1)
-        kept_classes = tf.gather(classes, kept, batch_dims=1)
+    num_fg = class_logits.shape[2]
+    boxes, scores, classes = _candidates(class_logits, box_deltas, anchors, level_sizes, config)
+    boxes = _clip(boxes, image_hw, valid_hw)
+    kept_boxes, kept_scores, kept_classes, num = _suppress(boxes, scores, classes, num_fg, config)
     valid = tf.range(config.max_detections)[None, :] < num[:, None]
     valid_f = tf.cast(valid, tf.float32)
     return {
@@ -129,6 +96,56 @@ def generate_detections(
         "classes": tf.where(valid, kept_classes, 0),
         "num_detections": tf.cast(num, tf.int32),
     }
+
+
+def _candidates(class_logits, box_deltas, anchors, level_sizes, config):
+    """The pre-NMS selection, decoded: boxes [B, C, 4], scores [B, C], classes [B, C] (1-based).
+
+    Candidates come out so that, among equal scores, the lower index has the lower class,
+    then the lower anchor: the NMS breaks ties by index, and this is Model Garden's order.
+    """
+    box_deltas = tf.cast(box_deltas, tf.float32)
+    anchors = tf.convert_to_tensor(anchors, tf.float32)
+    if config.pre_nms == "per_class":
+        logits, anchor_idx, classes = _top_k_per_class(
+            class_logits, sum(level_sizes), config.pre_nms_top_k
+        )
+    else:
+        logits, anchor_idx, classes = _top_k_per_level(
+            class_logits, level_sizes, config.pre_nms_top_k
+        )
+    boxes = decode_boxes(
+        tf.gather(box_deltas, anchor_idx, batch_dims=1), tf.gather(anchors, anchor_idx)
+    )
+    return boxes, tf.sigmoid(logits), classes
+
+
+def _clip(boxes, image_hw, valid_hw):
+    """Boxes [B, C, 4] clipped to the input (image_hw) and, when given, to each image's own
+    area valid_hw [B, 2]."""
+    hw = tf.constant([float(image_hw[0]), float(image_hw[1])])
+    if valid_hw is not None:
+        hw = tf.minimum(tf.cast(valid_hw, tf.float32), hw)
+    limits = tf.concat([hw, hw], axis=-1)[..., None, :]  # [1, 4] or [B, 1, 4]
+    return tf.maximum(tf.minimum(boxes, limits), 0.0)
+
+
+def _suppress(boxes, scores, classes, num_fg, config):
+    """NMS of the candidates: (boxes, scores, classes) [B, max_detections, ...] sorted by
+    score, and the number kept [B]; rows past it are unspecified."""
+    if config.nms == "combined":
+        return _combined_nms(boxes, scores, classes, num_fg, config)
+    if config.pre_nms == "per_class" and not config.class_agnostic:
+        kept, valid = _greedy_nms_by_class(boxes, scores, num_fg, config)
+    else:
+        kept, valid = _greedy_nms(boxes, scores, classes, config)
+    num = tf.reduce_sum(tf.cast(valid, tf.int32), axis=1)
+    return (
+        tf.gather(boxes, kept, batch_dims=1),
+        tf.gather(scores, kept, batch_dims=1),
+        tf.gather(classes, kept, batch_dims=1),
+        num,
+    )
 
 
 def _top_k_per_level(logits, level_sizes, k):

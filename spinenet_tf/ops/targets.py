@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -16,6 +18,82 @@ PADDING = -1
 # Values of `match_anchors` for anchors without a matched box.
 NEGATIVE = -1
 IGNORED = -2
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchingConfig:
+    """How anchors are matched to ground truth (see `build_targets` for each field).
+
+    The defaults are SpineNet's own (tensorflow/tpu and Model Garden): positive at IoU >= 0.5,
+    negative below, no ignore band, each box's best anchor forced, crowd boxes dropped. The
+    RetinaNet paper's ignore band is unmatched_iou=0.4.
+    """
+
+    match_iou: float = 0.5
+    unmatched_iou: float = 0.5
+    force_match: bool = True
+    crowd_ignore_ioa: float | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.unmatched_iou <= self.match_iou <= 1.0:
+            raise ValueError(
+                f"need 0 <= unmatched_iou ({self.unmatched_iou}) <= match_iou "
+                f"({self.match_iou}) <= 1"
+            )
+        if self.crowd_ignore_ioa is not None and not 0.0 < self.crowd_ignore_ioa <= 1.0:
+            raise ValueError(f"crowd_ignore_ioa {self.crowd_ignore_ioa} must be in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """RetinaNet's losses (see `retinanet_losses`): focal loss (alpha, gamma), Huber box loss
+    (delta) weighted by box_loss_weight; the defaults are SpineNet's COCO recipe."""
+
+    focal_alpha: float = 0.25
+    focal_gamma: float = 1.5
+    huber_delta: float = 0.1
+    box_loss_weight: float = 50.0
+    train_background: bool = False
+
+
+class AnchorLabeler:
+    """Target assignment for an anchor-based head: its anchors and a MatchingConfig.
+
+    The input pipeline calls `matches` (compact matches, on the host); the train step calls
+    `targets`, which encodes them on the accelerator, or does the whole assignment in the
+    graph from padded ground truth, or passes built targets through.
+    """
+
+    def __init__(self, anchors, matching: MatchingConfig | None = None):
+        self.anchors = np.asarray(anchors, np.float32)
+        self.matching = matching or MatchingConfig()
+
+    def _match(self, y):
+        return match_anchors(
+            self.anchors,
+            y["boxes"],
+            y["classes"],
+            y.get("is_crowd"),
+            **dataclasses.asdict(self.matching),
+        )
+
+    def matches(self, y: dict) -> dict:
+        """{"anchor_matches": [..., N]} for padded ground truth y {"boxes", "classes",
+        optionally "is_crowd"}: the input pipeline's share of the targets."""
+        return {"anchor_matches": self._match(y)}
+
+    def targets(self, y: dict) -> dict:
+        """Training targets from y: passed through if already built (cls_targets, ...),
+        encoded from `matches`, or matched here from padded ground truth."""
+        if "cls_targets" in y:
+            return y
+        if "boxes" not in y or "classes" not in y:
+            raise ValueError(
+                "anchor targets need either cls_targets / box_targets / cls_weights / "
+                f"box_weights or padded boxes / classes; got keys {sorted(y)}"
+            )
+        matches = y["anchor_matches"] if "anchor_matches" in y else self._match(y)
+        return targets_from_matches(matches, self.anchors, y["boxes"], y["classes"])
 
 
 def build_targets(
@@ -83,8 +161,7 @@ def match_anchors(
     or NEGATIVE, or IGNORED. Compact (4 bytes an anchor instead of 28), so an input pipeline
     can match on the host and leave the encoding to the accelerator (`targets_from_matches`).
     """
-    if unmatched_iou > match_iou:
-        raise ValueError(f"unmatched_iou {unmatched_iou} must be <= match_iou {match_iou}")
+    MatchingConfig(match_iou, unmatched_iou, force_match, crowd_ignore_ioa)  # validates
     anchors = np.asarray(anchors, np.float32) if not tf.is_tensor(anchors) else anchors
     gt_boxes = tf.cast(gt_boxes, tf.float32)
     gt_classes = tf.cast(gt_classes, tf.int32)
@@ -156,12 +233,8 @@ def retinanet_losses(
     class_logits,
     box_deltas,
     targets: dict,
-    alpha: float = 0.25,
-    gamma: float = 1.5,
-    huber_delta: float = 0.1,
-    box_loss_weight: float = 50.0,
+    config: LossConfig | None = None,
     normalizer=None,
-    train_background: bool = False,
 ) -> dict:
     """Focal loss + weighted Huber loss, each summed and divided by (positives + 1).
 
@@ -172,9 +245,11 @@ def retinanet_losses(
     focal loss by default: as in the paper (K - 1 sigmoid outputs), a negative anchor is one
     whose K - 1 class probabilities are all pushed to zero. tensorflow/tpu and Model Garden
     keep channel 0 in the loss as a sigmoid that is never positive (their negatives are an
-    all-zero one-hot); `train_background=True` does the same. Either way channel 0 is never
-    detected, and the channel is kept so weights and parameter counts stay interchangeable.
+    all-zero one-hot); `LossConfig(train_background=True)` does the same. Either way channel 0
+    is never detected, and the channel is kept so weights and parameter counts stay
+    interchangeable.
     """
+    config = config or LossConfig()
     class_logits = tf.cast(class_logits, tf.float32)
     box_deltas = tf.cast(box_deltas, tf.float32)
     num_classes = class_logits.shape[-1]
@@ -189,20 +264,20 @@ def retinanet_losses(
         labels[..., None],
         class_logits[..., None],
         apply_class_balancing=True,
-        alpha=alpha,
-        gamma=gamma,
+        alpha=config.focal_alpha,
+        gamma=config.focal_gamma,
         from_logits=True,
     )
     weights = targets["cls_weights"][..., None]
-    if not train_background:
+    if not config.train_background:
         # A mask, not a slice of the logits: the gradient of a slice is a strided copy of
         # the whole [B, N, K] tensor (3% of a 49S training step at 640 px on CPU).
         weights *= tf.one_hot(0, num_classes, on_value=0.0, off_value=1.0)
-    huber = keras.losses.huber(targets["box_targets"], box_deltas, delta=huber_delta)
+    huber = keras.losses.huber(targets["box_targets"], box_deltas, delta=config.huber_delta)
     cls_loss = tf.reduce_sum(focal * weights) / num_positives
     box_loss = tf.reduce_sum(huber * targets["box_weights"]) / num_positives
     return {
         "cls_loss": cls_loss,
         "box_loss": box_loss,
-        "total_loss": cls_loss + box_loss_weight * box_loss,
+        "total_loss": cls_loss + config.box_loss_weight * box_loss,
     }

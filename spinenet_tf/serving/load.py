@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 
 from spinenet_tf.data.label_map import label_map_for, read_label_map
@@ -29,7 +31,8 @@ def load_model(
     config = gin_bindings.experiment_config()
     keras.config.set_dtype_policy(dtype_policy)
     task = config.task
-    model = task.build_model(config, sync_batch_norm=False)
+    # Serving runs one replica: plain batch norm (the variables are the same).
+    model = task.build_model(dataclasses.replace(config, sync_batch_norm=False))
     restore_model(model, checkpoint)
     task.apply_serving_overrides(model, overrides or {})
     label_map = read_label_map(label_map_path) if label_map_path else label_map_for(config)

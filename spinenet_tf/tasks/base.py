@@ -38,6 +38,26 @@ class Evaluator(Protocol):
         """Writes per-example results beside the metrics (e.g. COCO detections JSON)."""
 
 
+# ExperimentConfig fields that reach the model builder by their own route.
+_OWN_ROUTE = {
+    "use_sync_bn": "ExperimentConfig.sync_batch_norm",
+    "image_size": "ExperimentConfig.image_size",
+    "num_classes": "ExperimentConfig.num_classes",
+    "model_id": "ExperimentConfig.model_id",
+}
+
+
+def model_settings(config) -> dict:
+    """The model builder's keyword arguments of an experiment: config.model_overrides and
+    the batch-norm mode of config.sync_batch_norm. Each setting has one route: an override of
+    a setting that has its own ExperimentConfig field is an error, not silently beaten."""
+    clash = sorted(set(config.model_overrides) & set(_OWN_ROUTE))
+    if clash:
+        routes = ", ".join(f"{k}: set {_OWN_ROUTE[k]}" for k in clash)
+        raise ValueError(f"ExperimentConfig.model_overrides sets {clash} ({routes} instead)")
+    return {**config.model_overrides, "use_sync_bn": config.sync_batch_norm}
+
+
 class Task:
     """The interface; subclasses implement the methods that raise NotImplementedError.
 
@@ -50,9 +70,9 @@ class Task:
     # "total_loss" is always there.
     train_loss_names: tuple = ("total_loss",)
 
-    def build_model(self, config, sync_batch_norm: bool | None = None):
-        """The experiment's Keras model, in the current dtype policy and strategy scope.
-        `sync_batch_norm` None: config.sync_batch_norm (serving passes False)."""
+    def build_model(self, config):
+        """The experiment's Keras model, in the current dtype policy and strategy scope, from
+        config.model_id, num_classes, image_size and `model_settings(config)`."""
         raise NotImplementedError
 
     def parser(self, model, config, training: bool) -> Callable:
@@ -193,16 +213,10 @@ class ImageServing:
 
     def preprocess(self, images):
         """uint8 [B, H, W, 3] of one size -> (network input [B, h, w, 3] float32,
-        image_info [B, 4, 2]) as `ops.resize_and_crop` with no jitter and `ops.pad_image`."""
+        image_info [B, 4, 2]): the evaluation parser's `ops.fit_image` and padding."""
         out_h, out_w = self.image_size
-        hw = tf.cast(tf.shape(images)[1:3], tf.float32)
-        out = tf.constant([out_h, out_w], tf.float32)
-        scaled = tf.cast(tf.round(hw * tf.reduce_min(out / hw)), tf.int32)
-        scaled = tf.minimum(scaled, [out_h, out_w])
-        scale_yx = tf.cast(scaled, tf.float32) / hw
-        resized = tf.image.resize(images, scaled, method="bilinear", antialias=False)
+        resized, info = ops.fit_image(images, self.image_size)
         normalized = ops.normalize_image({"image": resized})["image"]
         padded = tf.image.pad_to_bounding_box(normalized, 0, 0, out_h, out_w)
         padded = tf.ensure_shape(padded, [None, out_h, out_w, 3])
-        info = tf.stack([hw, out, scale_yx, tf.zeros([2])])
         return padded, tf.tile(info[None], [tf.shape(images)[0], 1, 1])

@@ -12,8 +12,8 @@ import tensorflow as tf
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.evaluation.coco import CocoEvaluator
 from spinenet_tf.models.retinanet import build_retinanet
-from spinenet_tf.ops.boxes import scaled_image_hw
-from spinenet_tf.tasks.base import ImageServing, Task, unnormalize
+from spinenet_tf.ops.geometry import boxes_to_original, scaled_image_hw
+from spinenet_tf.tasks.base import ImageServing, Task, model_settings, unnormalize
 from spinenet_tf.visualize import draw_detections
 
 
@@ -23,13 +23,9 @@ class RetinaNetTask(Task):
 
     train_loss_names = ("cls_loss", "box_loss", "total_loss")
 
-    def build_model(self, config, sync_batch_norm: bool | None = None):
-        sync = config.sync_batch_norm if sync_batch_norm is None else sync_batch_norm
+    def build_model(self, config):
         return build_retinanet(
-            config.model_id,
-            config.num_classes,
-            config.image_size,
-            **{"use_sync_bn": sync, **config.model_overrides},
+            config.model_id, config.num_classes, config.image_size, **model_settings(config)
         )
 
     def parser(self, model, config, training: bool):
@@ -39,12 +35,12 @@ class RetinaNetTask(Task):
             training=training,
             scale_range=data.scale_range,
             max_instances=data.max_instances,
-            targets_fn=model.anchor_matches if training else None,
+            targets_fn=model.labeler.matches if training else None,
             image_dtype=keras.config.dtype_policy().compute_dtype,
         )
 
     def train_targets(self, model, labels, global_sum):
-        targets = model.targets(labels)
+        targets = model.labeler.targets(labels)
         # The loss is normalised by the positives of the whole global batch, so the
         # replicas' losses sum to the single-device loss of that batch.
         positives = tf.reduce_sum(targets["box_weights"])
@@ -152,12 +148,11 @@ class Detector(ImageServing):
 
     def serve(self, padded, info) -> dict:
         det = self._network(padded, scaled_image_hw(info))
-        scale = tf.tile(info[:, 2], [1, 2])[:, None, :]
-        limit = tf.tile(info[:, 0], [1, 2])[:, None, :]
         out = {
             "num_detections": det["num_detections"],
-            # Rows past num_detections are zero from decoding and stay zero here.
-            "detection_boxes": tf.clip_by_value(det["boxes"] / scale, 0.0, limit),
+            # Rows past num_detections are zero from decoding and stay zero here (the
+            # serving preprocessing has no crop offset).
+            "detection_boxes": boxes_to_original(det["boxes"], info, clip=True),
             "detection_scores": det["scores"],
             "detection_classes": det["classes"],
         }

@@ -9,7 +9,12 @@ import pytest
 import spinenet_tf
 from spinenet_tf.convert import from_model_garden
 from spinenet_tf.tools.summary import count_parameters
-from tests.conftest import model_garden, randomize_batch_norm_stats, relative_max_diff
+from tests.conftest import (
+    HEAVY_MEMORY,
+    model_garden,
+    randomize_batch_norm_stats,
+    relative_max_diff,
+)
 
 # The default suite checks one id of each family; the slow suite every other one.
 FAST_IDS = ["49S", "mobile-49XS"]
@@ -224,7 +229,11 @@ def test_converted_mobile_retinanet_outputs_equal_model_garden(rng):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_id", ["49", "96", "143", "190", "mobile-49S", "mobile-49"])
+@pytest.mark.parametrize(
+    "model_id",
+    ["49", "96", pytest.param("143", marks=HEAVY_MEMORY), pytest.param("190", marks=HEAVY_MEMORY)]
+    + ["mobile-49S", "mobile-49"],
+)
 def test_converted_retinanet_equals_model_garden_large(model_id, rng):
     # Detections are compared where a random head gives distinct scores: 143's and 190's
     # saturate (all 100 detections score the same within 1e-6, so which candidates NMS keeps

@@ -74,8 +74,19 @@ def test_boxes_of_any_positive_area_are_kept_and_empty_ones_dropped():
     np.testing.assert_array_equal(train["classes"], [3])
     height, width = (train["boxes"][0, 2:] - train["boxes"][0, :2]).numpy()
     assert 0 < height < 1 and 0 < width < 1
-    evaluation = ops.resize_and_crop(d, (64, 64), keep_empty_boxes=True)
+    evaluation = ops.fit(d, (64, 64))
     np.testing.assert_array_equal(evaluation["classes"], [3, 5])
+
+
+@pytest.mark.parametrize("hw", [(40, 60), (61, 37), (64, 64), (13, 200)])
+def test_fit_is_resize_and_crop_without_jitter(hw):
+    """Evaluation and serving resize with `fit`; it is exactly the training resize without
+    jitter (same pixels, image_info and boxes)."""
+    d = _example(*hw)
+    fitted = _both_ways(lambda x: ops.fit(x, (48, 56)), d)
+    cropped = ops.resize_and_crop(d, (48, 56))
+    for key in ("image", "image_info", "boxes"):
+        np.testing.assert_allclose(fitted[key], cropped[key], rtol=1e-6, atol=1e-4, err_msg=key)
 
 
 def test_normalize_pad_and_pad_instances():
@@ -138,17 +149,17 @@ def test_parser_builds_retinanet_targets_on_the_host():
     from tests.conftest import TINY
 
     model = build_retinanet("49S", num_classes=6, image_size=64, **TINY)
-    parse = detection_parser(64, training=True, targets_fn=model.targets)
+    parse = detection_parser(64, training=True, targets_fn=model.labeler.targets)
     _, labels = _both_ways_parser(parse, _example())
     n = model.anchor_boxes.shape[0]
     assert labels["cls_targets"].shape == (n,) and labels["box_targets"].shape == (n, 4)
     assert set(np.unique(labels["cls_targets"])) <= {0, 3, 5}
     assert float(tf.reduce_sum(labels["box_weights"])) >= 1
     # Compact host-side matches, encoded by the model, give the same targets.
-    compact = detection_parser(64, training=True, targets_fn=model.anchor_matches)
+    compact = detection_parser(64, training=True, targets_fn=model.labeler.matches)
     _, matched = _both_ways_parser(compact, _example())
     assert matched["anchor_matches"].shape == (n,) and matched["anchor_matches"].dtype == tf.int32
-    encoded = model.targets({k: v[None] for k, v in matched.items()})
+    encoded = model.labeler.targets({k: v[None] for k, v in matched.items()})
     for key in ("cls_targets", "box_targets", "cls_weights", "box_weights"):
         np.testing.assert_allclose(encoded[key][0], labels[key], atol=1e-6, err_msg=key)
 
@@ -353,7 +364,9 @@ def test_model_fit_on_make_dataset(shapes_records):
     from tests.conftest import TINY
 
     model = build_retinanet("49S", num_classes=5, image_size=64, **TINY, head_num_convs=1)
-    parse = detection_parser(64, training=True, scale_range=(0.8, 1.25), targets_fn=model.targets)
+    parse = detection_parser(
+        64, training=True, scale_range=(0.8, 1.25), targets_fn=model.labeler.targets
+    )
     ds = make_dataset(shapes_records["train"], parse, 4, training=True)
     model.compile(optimizer=keras.optimizers.SGD(0.005, momentum=0.9))
     history = model.fit(ds, steps_per_epoch=2, epochs=1, verbose=0)

@@ -5,9 +5,9 @@ import tensorflow as tf
 
 import spinenet_tf
 from spinenet_tf.models.retinanet import RetinaNet, build_retinanet
+from spinenet_tf.ops.targets import LossConfig, MatchingConfig
 from spinenet_tf.tools.summary import count_parameters
-from tests.conftest import LARGE_IDS, TINY, TINY_MOBILE
-from tests.models.test_spinenet import CUSTOM_SPECS
+from tests.conftest import CUSTOM_SPECS, LARGE_IDS, TINY, TINY_MOBILE
 
 # Model Garden 2.20 RetinaNet-SpineNet, 91 classes (../shared/REFERENCE.md).
 MODEL_GARDEN_PARAMS = {
@@ -83,12 +83,12 @@ def test_fit_learns_from_raw_ground_truth_and_from_precomputed_targets():
     # Targets built the TPU way (in the input pipeline) give the same loss as raw boxes.
     outputs = model(images, training=False)
     np.testing.assert_allclose(
-        model.losses_from(model.targets(gt), outputs)["total_loss"],
+        model.losses_from(model.labeler.targets(gt), outputs)["total_loss"],
         model.losses_from(gt, outputs)["total_loss"],
         rtol=1e-6,
     )
     history = model.fit(
-        tf.data.Dataset.from_tensors((images, model.targets(gt))).repeat(2), verbose=0
+        tf.data.Dataset.from_tensors((images, model.labeler.targets(gt))).repeat(2), verbose=0
     )
     assert np.isfinite(history.history["loss"][-1])
 
@@ -114,7 +114,7 @@ def test_mobile_head_regularises_its_separable_predictors_as_model_garden():
 def test_missing_targets_are_named():
     model = _tiny()
     with pytest.raises(ValueError, match=r"got keys \['labels'\]"):
-        model.targets({"labels": np.zeros((1, 3))})
+        model.labeler.targets({"labels": np.zeros((1, 3))})
 
 
 def test_train_step_compiles_with_xla_under_mixed_bfloat16():
@@ -136,12 +136,20 @@ def test_train_step_compiles_with_xla_under_mixed_bfloat16():
 
 
 def test_keras_save_load_round_trip(tmp_path):
-    model = _tiny("mobile-49XS", weighted_fusion=True, detection={"score_threshold": 0.01})
+    model = _tiny(
+        "mobile-49XS",
+        weighted_fusion=True,
+        detection={"score_threshold": 0.01},
+        matching={"unmatched_iou": 0.4},
+        loss={"train_background": True},
+    )
     path = tmp_path / "retinanet.keras"
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert isinstance(loaded, RetinaNet)
     assert loaded.get_config() == model.get_config()
+    assert loaded.labeler.matching == model.labeler.matching
+    assert loaded.loss_config == model.loss_config == LossConfig(train_background=True)
     images = np.random.default_rng(3).uniform(0, 255, (1, 128, 128, 3)).astype("float32")
     for key, value in model(images).items():
         np.testing.assert_allclose(loaded(images)[key], value, rtol=1e-5, atol=1e-5)
@@ -152,3 +160,17 @@ def test_bad_arguments_are_named():
         build_retinanet("49S", 3, image_size=(1, 2, 3))
     with pytest.raises(ValueError, match="anchor levels 2-7 differ from the backbone's 3-7"):
         RetinaNet(spinenet_tf.build_backbone("49S", **TINY), 3, 128, anchor={"min_level": 2})
+    with pytest.raises(ValueError, match=r"unknown model setting\(s\) \['unmatched_iou'\]"):
+        build_retinanet("49S", 3, 64, unmatched_iou=0.4, **TINY)
+
+
+def test_settings_merge_over_the_scaling_row():
+    """Partial anchor / matching dicts change only their fields: anchor size stays the
+    scaling table's (4 for 143), the levels the backbone's."""
+    model = build_retinanet(
+        "143", 3, 64, anchor={"num_scales": 2}, matching={"unmatched_iou": 0.4}, **TINY
+    )
+    assert model.anchor_config.anchor_size == 4.0 and model.anchor_config.num_scales == 2
+    assert (model.anchor_config.min_level, model.anchor_config.max_level) == (3, 7)
+    assert model.labeler.matching == MatchingConfig(unmatched_iou=0.4)
+    assert model.head.settings == model.backbone.conv_settings

@@ -6,7 +6,7 @@ import tensorflow as tf
 import spinenet_tf
 from spinenet_tf.models.spinenet import SpineNet
 from spinenet_tf.tools.summary import count_parameters
-from tests.conftest import LARGE_IDS, TINY, TINY_MOBILE
+from tests.conftest import CUSTOM_SPECS, LARGE_IDS, TINY, TINY_MOBILE
 
 # Model Garden 2.20's trainable parameter counts (../shared/REFERENCE.md; re-measured in
 # tests/convert against a live Model Garden build).
@@ -71,15 +71,6 @@ def test_unknown_overrides_and_bad_arguments_are_named():
         spinenet_tf.build_backbone("49", activation="gelu")
     with pytest.raises(ValueError, match="unknown model_id"):
         spinenet_tf.build_backbone("50")
-
-
-CUSTOM_SPECS = [
-    (3, "bottleneck", (0, 1), False),
-    (5, "residual", (1, 2), False),
-    (4, "bottleneck", (2, 3), True),
-    (3, "residual", (3, 4), True),
-    (5, "bottleneck", (2, 5), True),
-]
 
 
 def test_user_block_specs_build_and_invalid_ones_are_rejected():

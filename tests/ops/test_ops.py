@@ -3,7 +3,7 @@ import tensorflow as tf
 
 from spinenet_tf.ops.anchors import AnchorConfig
 from spinenet_tf.ops.boxes import decode_boxes, encode_boxes, pairwise_iou
-from spinenet_tf.ops.targets import build_targets, retinanet_losses
+from spinenet_tf.ops.targets import LossConfig, build_targets, retinanet_losses
 from tests.conftest import model_garden
 
 
@@ -96,9 +96,8 @@ def test_focal_and_huber_losses_match_the_formulas():
         "box_weights": np.array([[1.0, 0.0]], np.float32),
     }
     deltas = np.array([[[0.0, 0.05, 0.0, 0.0], [9.0] * 4]], np.float32)
-    out = retinanet_losses(
-        logits, deltas, targets, alpha=0.25, gamma=1.5, huber_delta=0.1, box_loss_weight=50.0
-    )
+    config = LossConfig(focal_alpha=0.25, focal_gamma=1.5, huber_delta=0.1, box_loss_weight=50.0)
+    out = retinanet_losses(logits, deltas, targets, config)
 
     def focal(x, y):
         p = 1 / (1 + np.exp(-x))

@@ -1,10 +1,18 @@
 """Anchor matching (SpineNet's own defaults and the options) and the RetinaNet losses."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from spinenet_tf.ops.boxes import decode_boxes
-from spinenet_tf.ops.targets import IGNORED, NEGATIVE, build_targets, match_anchors
+from spinenet_tf.ops.targets import (
+    IGNORED,
+    NEGATIVE,
+    AnchorLabeler,
+    MatchingConfig,
+    build_targets,
+    match_anchors,
+)
 
 ANCHORS = np.array(
     [
@@ -78,3 +86,27 @@ def test_force_match_overrides_and_the_first_box_wins_a_shared_anchor():
     # MG's BoxMatcher gives anchor 0 to box 0 (its best), not to box 3: box 0 comes first.
     xla = tf.function(lambda b: match_anchors(anchors, b, np.array([1, 2, 3, 4])), jit_compile=True)
     np.testing.assert_array_equal(xla(boxes), matches)
+
+
+def test_labeler_matches_on_the_host_and_encodes_the_same_targets_as_in_the_graph():
+    """The input pipeline's compact matches, encoded by the train step, are the targets of a
+    whole in-graph assignment, for the labeler's MatchingConfig."""
+    labeler = AnchorLabeler(ANCHORS, MatchingConfig(unmatched_iou=0.4, crowd_ignore_ioa=0.5))
+    y = {"boxes": GT_BOXES[None], "classes": GT_CLASSES[None], "is_crowd": CROWD[None]}
+    whole = labeler.targets(y)
+    encoded = labeler.targets({**y, **labeler.matches(y)})
+    expected = build_targets(
+        ANCHORS, GT_BOXES[None], GT_CLASSES[None], CROWD[None], 0.5, 0.4, True, 0.5
+    )
+    for key, value in expected.items():
+        np.testing.assert_array_equal(whole[key], value, err_msg=key)
+        np.testing.assert_array_equal(encoded[key], value, err_msg=key)
+    assert labeler.targets(expected) is expected  # built targets pass through
+    np.testing.assert_array_equal(expected["cls_weights"][0], [1, 1, 1, 0, 1, 0, 1])
+
+
+def test_matching_config_rejects_inconsistent_thresholds():
+    with pytest.raises(ValueError, match=r"unmatched_iou \(0.6\) <= match_iou \(0.5\)"):
+        MatchingConfig(unmatched_iou=0.6)
+    with pytest.raises(ValueError, match="crowd_ignore_ioa 0 must be in"):
+        MatchingConfig(crowd_ignore_ioa=0)

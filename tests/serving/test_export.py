@@ -17,7 +17,7 @@ from spinenet_tf import MODEL_IDS, build_retinanet
 from spinenet_tf.data import shapes
 from spinenet_tf.data.label_map import label_map_for, read_label_map
 from spinenet_tf.data.parsers import detection_parser
-from spinenet_tf.ops.boxes import scaled_image_hw
+from spinenet_tf.ops.geometry import scaled_image_hw
 from spinenet_tf.serving.export import Detector, export_saved_model
 from tests.conftest import TINY, TINY_MOBILE, randomize_batch_norm_stats
 

@@ -9,7 +9,7 @@ the optimizer of `OptimizerFactory` (legacy SGD, momentum 0.9, linear warm-up, s
 decay). Batch norm in training mode, weight decay and momentum on.
 
 Settings made to agree with Model Garden:
-- train_background=True: the focal loss includes channel 0 as an always-negative sigmoid;
+- LossConfig.train_background=True: the focal loss includes channel 0 as an always-negative sigmoid;
 - sync_batch_norm=True, Model Garden's use_sync_bn=True (its NormActivation default and its
   SpineNet recipes): both keep the biased batch variance in the moving variance. (Model
   Garden's fused batch norm, use_sync_bn=False, keeps the Bessel-corrected one; ours never.)
@@ -44,7 +44,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.conftest import TINY, model_garden, randomize_batch_norm_stats
+from tests.conftest import HEAVY_MEMORY, TINY, model_garden, randomize_batch_norm_stats
 
 MODEL_ID = "49S"
 NUM_CLASSES = 5
@@ -103,7 +103,7 @@ def _batch(image_size: int, rng):
 def _assert_same_targets(model, labels, groundtruth):
     from official.vision.losses.loss_utils import multi_level_flatten
 
-    ours = {k: v.numpy() for k, v in model.targets(groundtruth).items()}
+    ours = {k: v.numpy() for k, v in model.labeler.targets(groundtruth).items()}
     positive = ours["box_weights"] > 0
     assert positive.sum() > 20
     np.testing.assert_array_equal(ours["box_weights"], labels["box_weights"].numpy())
@@ -187,7 +187,7 @@ def _run(case: Case, tmp_path, monkeypatch):
             **case.head,
             weight_decay=WEIGHT_DECAY,
             norm_epsilon=case.norm_epsilon,
-            train_background=True,
+            loss={"train_background": True},
         ),
         train=DataConfig(global_batch_size=BATCH),
         optimizer=OptimizerConfig(
@@ -280,5 +280,6 @@ def test_training_steps_equal_model_garden(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
+@HEAVY_MEMORY
 def test_training_steps_equal_model_garden_full_size(tmp_path, monkeypatch):
     _run(Case(image_size=640, learning_rate=6e-4, norm_epsilon=0.1), tmp_path, monkeypatch)

@@ -15,6 +15,7 @@ import tensorflow as tf
 
 from spinenet_tf.tasks import RetinaNetTask
 from spinenet_tf.training import gin_bindings
+from tests.conftest import HEAVY_MEMORY, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_PARAMS = [
@@ -110,9 +111,8 @@ def test_train_and_eval_end_to_end(tmp_path):
 
 def test_sigterm_saves_and_stops(shapes_records, shapes_dir, tmp_path):
     from spinenet_tf.training.trainer import Trainer
-    from tests.training.test_trainer import _config
 
-    config = _config(shapes_records, shapes_dir, train_steps=50, steps_per_loop=1)
+    config = tiny_experiment(shapes_records, shapes_dir, train_steps=50, steps_per_loop=1)
     trainer = Trainer(config, tmp_path / "term")
 
     def send_when_first_checkpoint_exists():
@@ -191,7 +191,7 @@ def _tiny_experiment(experiment: str, shapes_records, runtime: str = "cpu.gin"):
 
 def _xla_cases():
     # Slow (about 2 minutes each), and at most one at a time: 12-15 GB resident each.
-    heavy = [pytest.mark.slow, pytest.mark.xdist_group("memory")]
+    heavy = [pytest.mark.slow, HEAVY_MEMORY]
     cases = [pytest.param("quickstart.gin", "cpu.gin", id="quickstart", marks=heavy)]
     for path in sorted((ROOT / "gin_configs/experiments").glob("*_coco.gin")):
         cases.append(pytest.param(path.name, "tpu.gin", id=path.stem, marks=heavy))

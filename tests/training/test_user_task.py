@@ -13,7 +13,7 @@ from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.models.spinenet import build_backbone
 from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.serving.load import load_model
-from spinenet_tf.tasks import ImageServing, Task
+from spinenet_tf.tasks import ImageServing, Task, model_settings
 from spinenet_tf.training import gin_bindings
 from tests.conftest import TINY
 
@@ -22,16 +22,14 @@ from tests.conftest import TINY
 class BoxCountTask(Task):
     """Regresses the number of objects in an image from a SpineNet's pooled features."""
 
-    def build_model(self, config, sync_batch_norm=None):
-        sync = config.sync_batch_norm if sync_batch_norm is None else sync_batch_norm
+    def build_model(self, config):
         size = config.image_size
         backbone = build_backbone(
             config.model_id,
             input_shape=(size, size, 3),
-            use_sync_bn=sync,
             min_level=3,
             max_level=5,
-            **config.model_overrides,
+            **model_settings(config),
         )
         image = keras.Input((size, size, 3), name="image")
         features = backbone(image)
