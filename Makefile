@@ -1,21 +1,28 @@
 # One command for the main job, one for the tests; each sets up .venv when it is missing.
+# The main job installs only the package; the tests add the dev extra (Model Garden, the
+# notebook's kernel, pytest, ruff).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 .PHONY: setup quickstart test test-slow lint benchmark clean
 
-$(STAMP): setup.py
+$(RUN_STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # Generates the synthetic shapes data (first run), trains, evaluates; prints COCO AP.
-quickstart: $(STAMP)
+quickstart: $(RUN_STAMP)
 	$(PY) -m spinenet_tf.train --gin_file=gin_configs/experiments/quickstart.gin \
 		--model_dir=runs/quickstart --mode=train_and_eval
 

@@ -1,23 +1,38 @@
-"""spinenet_tf: SpineNet (Du et al., CVPR 2020) in TensorFlow 2 / Keras 3."""
+"""spinenet_tf: SpineNet (Du et al., CVPR 2020) in TensorFlow 2 / Keras 3.
 
-from spinenet_tf.models.retinanet import RetinaNet, build_retinanet
-from spinenet_tf.models.spinenet import SpineNet, build_backbone
-from spinenet_tf.serving.export import export_saved_model
-from spinenet_tf.specs import MODEL_IDS, BlockSpec, get_scaling
-from spinenet_tf.tasks import RetinaNetTask, Task
+The public names load on first use, so that the commands (`python -m spinenet_tf.train`)
+can set up the console before TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "MODEL_IDS",
-    "BlockSpec",
-    "RetinaNet",
-    "RetinaNetTask",
-    "SpineNet",
-    "Task",
-    "build_backbone",
-    "build_retinanet",
-    "export_saved_model",
-    "get_scaling",
-    "__version__",
-]
+_EXPORTS = {
+    "MODEL_IDS": "spinenet_tf.specs",
+    "BlockSpec": "spinenet_tf.specs",
+    "get_scaling": "spinenet_tf.specs",
+    "RetinaNet": "spinenet_tf.models.retinanet",
+    "build_retinanet": "spinenet_tf.models.retinanet",
+    "SpineNet": "spinenet_tf.models.spinenet",
+    "build_backbone": "spinenet_tf.models.spinenet",
+    "export_saved_model": "spinenet_tf.serving.export",
+    "RetinaNetTask": "spinenet_tf.tasks",
+    "Task": "spinenet_tf.tasks",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spinenet_tf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

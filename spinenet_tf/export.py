@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
+from spinenet_tf import console
 
-from spinenet_tf.serving import cli
-from spinenet_tf.serving.export import INPUT_TYPES, export_saved_model
+console.quiet_tensorflow("export")
+
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from spinenet_tf.serving import cli  # noqa: E402
+from spinenet_tf.serving.export import INPUT_TYPES, export_saved_model  # noqa: E402
 
 cli.define_model_flags()
 flags.DEFINE_string("export_dir", None, "Where to write the SavedModel (local or gs://).")

@@ -22,14 +22,18 @@ import json
 import os
 import sys
 
-import tensorflow as tf
-from absl import app, flags
-from absl import logging as absl_logging
+from spinenet_tf import console
 
-from spinenet_tf.data.label_map import read_label_map
-from spinenet_tf.serving import cli
-from spinenet_tf.tasks.retinanet import RetinaNetTask
-from spinenet_tf.training import gin_bindings
+console.quiet_tensorflow("predict")
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from spinenet_tf.data.label_map import read_label_map  # noqa: E402
+from spinenet_tf.serving import cli  # noqa: E402
+from spinenet_tf.tasks.retinanet import RetinaNetTask  # noqa: E402
+from spinenet_tf.training import gin_bindings  # noqa: E402
 
 flags.DEFINE_string("saved_model", None, "A SavedModel from spinenet_tf.export.")
 cli.define_model_flags()

@@ -14,14 +14,19 @@ import logging
 import os
 import sys
 
-import tensorflow as tf
-from absl import app, flags
-from absl import logging as absl_logging
+from spinenet_tf import console
 
-from spinenet_tf.data import shapes
-from spinenet_tf.training import gin_bindings
-from spinenet_tf.training.strategy import STRATEGIES, get_strategy
-from spinenet_tf.training.trainer import Trainer
+console.quiet_tensorflow("train")
+
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+from spinenet_tf.data import shapes  # noqa: E402
+from spinenet_tf.data.label_map import resolve_num_classes  # noqa: E402
+from spinenet_tf.training import gin_bindings  # noqa: E402
+from spinenet_tf.training.strategy import STRATEGIES, get_strategy  # noqa: E402
+from spinenet_tf.training.trainer import Trainer  # noqa: E402
 
 MODES = ("train", "eval", "train_and_eval", "continuous_eval")
 
@@ -93,9 +98,40 @@ def main(argv):
     except (ValueError, OSError, TypeError) as e:  # unknown bindings, missing files, bad values
         raise app.UsageError(f"gin configuration: {e}") from None
     config = prepare_synthetic_data(config)
+    try:  # before anything is built: category ids that do not fit num_classes
+        config = dataclasses.replace(config, num_classes=resolve_num_classes(config))
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     strategy = get_strategy(FLAGS.strategy, FLAGS.tpu)
     metrics = run(FLAGS.mode, FLAGS.model_dir, strategy, config)
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stdout, flush=True)
+    if FLAGS.mode in ("train", "train_and_eval"):
+        print(next_steps(FLAGS.model_dir, FLAGS.gin_file, FLAGS.gin_param, config), flush=True)
+
+
+def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
+    """What to run after training, for this run: export, predict, TensorBoard."""
+    name = os.path.basename(os.path.normpath(model_dir)) or "model"
+    # The interpreter as the user would type it: .venv/bin/python inside the project.
+    python = os.path.relpath(sys.executable) if ".venv" in sys.executable else "python"
+    model_flags = " ".join(
+        [f"--gin_file={f}" for f in gin_files] + [f'--gin_param="{p}"' for p in gin_params]
+    )
+    if config.synthetic_data_dir:
+        images = str(shapes.image_dir(config.synthetic_data_dir, "val") / "*.jpg")
+    else:
+        images = "YOUR_IMAGES/*.jpg"
+    predictions = os.path.join(model_dir, "predictions")
+    return "\n".join(
+        [
+            "Next:",
+            f"  export:      {python} -m spinenet_tf.export {model_flags} \\",
+            f"                 --checkpoint={model_dir} --export_dir=exports/{name}",
+            f"  predict:     {python} -m spinenet_tf.predict --saved_model=exports/{name} \\",
+            f"                 --images='{images}' --output_dir={predictions}",
+            f"  TensorBoard: tensorboard --logdir={model_dir}",
+        ]
+    )
 
 
 if __name__ == "__main__":

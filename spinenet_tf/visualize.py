@@ -1,11 +1,18 @@
-"""Draws detections (boxes, class names, scores) on images."""
+"""Pictures a person reads: detections (class names, scores) and ground truth drawn on images
+at a readable size, and contact sheets of many of them."""
 
 from __future__ import annotations
 
 import colorsys
+import math
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
+
+# Small images are enlarged to at least this many pixels on the long side before drawing,
+# so that boxes and labels are legible (the shapes data is 128 px).
+MIN_DRAW_SIZE = 512
+GROUNDTRUTH_COLOUR = (255, 255, 255)
 
 
 def _colour(class_id: int) -> tuple[int, int, int]:
@@ -13,29 +20,97 @@ def _colour(class_id: int) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's scalable font (FreeType)
+    except (TypeError, OSError):  # an old Pillow or no FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _canvas(image, min_size: int) -> tuple[Image.Image, float]:
+    canvas = (
+        image.convert("RGB")
+        if isinstance(image, Image.Image)
+        else Image.fromarray(np.asarray(image, np.uint8))
+    )
+    scale = max(1.0, min_size / max(canvas.size))
+    if scale > 1.0:
+        size = (round(canvas.width * scale), round(canvas.height * scale))
+        return canvas.resize(size, Image.Resampling.BICUBIC), scale
+    return canvas.copy(), scale
+
+
+class _Labels:
+    """Places label boxes so that none covers another: above the box, else inside its top,
+    else further down, in steps of a label's height."""
+
+    def __init__(self, draw: ImageDraw.ImageDraw, font, size: tuple[int, int]):
+        self.draw, self.font, self.size = draw, font, size
+        self.placed: list[tuple[float, float, float, float]] = []
+
+    def _free(self, rect) -> bool:
+        x0, y0, x1, y1 = rect
+        return all(x1 <= a or b <= x0 or y1 <= c or d <= y0 for a, c, b, d in self.placed)
+
+    def add(self, text: str, x: float, top: float, colour, text_colour):
+        left, upper, right, lower = self.draw.textbbox((0, 0), text, font=self.font)
+        w, h = right - left + 4, lower - upper + 4
+        x = min(max(x, 0), max(self.size[0] - w, 0))
+        candidates = [top - h, top] + [top + h * k for k in range(1, 40)]
+        y = next(
+            (
+                y
+                for y in candidates
+                if 0 <= y <= self.size[1] - h and self._free((x, y, x + w, y + h))
+            ),
+            max(top - h, 0),
+        )
+        self.placed.append((x, y, x + w, y + h))
+        self.draw.rectangle([x, y, x + w, y + h], fill=colour)
+        self.draw.text((x + 2 - left, y + 2 - upper), text, fill=text_colour, font=self.font)
+
+
 def draw_detections(
     image,
     detections: dict,
     label_map: dict | None = None,
     score_threshold: float = 0.3,
+    groundtruth: dict | None = None,
+    min_size: int = MIN_DRAW_SIZE,
 ) -> Image.Image:
-    """Returns a PIL image with each detection above score_threshold drawn on `image`.
+    """Returns a PIL image with each detection above score_threshold drawn on `image`, and
+    the ground truth (if given) in white beneath them.
 
     Args:
         image: uint8 [H, W, 3] array (or PIL image) in the frame of the boxes.
         detections: one image's "boxes" [N, 4] (ymin, xmin, ymax, xmax pixels), "scores" [N],
             "classes" [N] and optionally "num_detections".
         label_map: class id -> name; ids are printed where it has no entry.
+        groundtruth: optional {"boxes" [M, 4], "classes" [M]} in the same frame; rows of class
+            <= 0 are padding.
+        min_size: the image is enlarged (bicubic) to at least this long side first.
     """
-    canvas = (
-        image.convert("RGB")
-        if isinstance(image, Image.Image)
-        else Image.fromarray(np.asarray(image, np.uint8))
-    )
-    canvas = canvas.copy()
+    canvas, scale = _canvas(image, min_size)
     draw = ImageDraw.Draw(canvas)
-    n = int(detections.get("num_detections", len(detections["scores"])))
+    font = _font(max(12, round(max(canvas.size) / 40)))
+    labels = _Labels(draw, font, canvas.size)
     label_map = label_map or {}
+    width = max(2, round(max(canvas.size) / 250))
+
+    def name(cls: int) -> str:
+        return label_map.get(cls, str(cls))
+
+    if groundtruth is not None:
+        for box, cls in zip(
+            np.asarray(groundtruth["boxes"]), np.asarray(groundtruth["classes"]), strict=True
+        ):
+            if cls <= 0:
+                continue
+            ymin, xmin, ymax, xmax = (float(v) * scale for v in box)
+            draw.rectangle([xmin, ymin, xmax, ymax], outline=(0, 0, 0), width=width + 2)
+            draw.rectangle([xmin, ymin, xmax, ymax], outline=GROUNDTRUTH_COLOUR, width=width)
+            labels.add(name(int(cls)), xmin, ymax, GROUNDTRUTH_COLOUR, (0, 0, 0))  # at the bottom
+    n = int(detections.get("num_detections", len(detections["scores"])))
     for box, score, cls in zip(
         np.asarray(detections["boxes"])[:n],
         np.asarray(detections["scores"])[:n],
@@ -44,12 +119,38 @@ def draw_detections(
     ):
         if score < score_threshold:
             continue
-        ymin, xmin, ymax, xmax = (float(v) for v in box)
+        ymin, xmin, ymax, xmax = (float(v) * scale for v in box)
         colour = _colour(int(cls))
-        draw.rectangle([xmin, ymin, xmax, ymax], outline=colour, width=2)
-        text = f"{label_map.get(int(cls), int(cls))} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((xmin, ymin), text)
-        y = max(ymin - (bottom - top) - 2, 0)
-        draw.rectangle([xmin, y, xmin + right - left + 2, y + bottom - top + 2], fill=colour)
-        draw.text((xmin + 1, y), text, fill=(0, 0, 0))
+        draw.rectangle([xmin, ymin, xmax, ymax], outline=colour, width=width)
+        labels.add(f"{name(int(cls))} {score:.2f}", xmin, ymin, colour, (0, 0, 0))
     return canvas
+
+
+def contact_sheet(
+    images: list[tuple[str, Image.Image]], tile: int = 384, columns: int | None = None
+) -> Image.Image:
+    """One image: a grid of (caption, image) tiles, each fitted into tile x tile, with a
+    legend line (ground truth white, detections coloured by class) at the top."""
+    if not images:
+        raise ValueError("contact_sheet needs at least one image")
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    font = _font(max(12, tile // 24))
+    caption_h = font.getbbox("Ag")[3] + 8
+    legend_h = caption_h + 4
+    sheet = Image.new("RGB", (columns * tile, legend_h + rows * (tile + caption_h)), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    draw.text(
+        (6, 4),
+        "white: ground truth    coloured: detections (class score)",
+        fill=(230, 230, 230),
+        font=font,
+    )
+    for i, (caption, image) in enumerate(images):
+        r, c = divmod(i, columns)
+        thumb = image.copy()
+        thumb.thumbnail((tile, tile), Image.Resampling.LANCZOS)
+        x, y = c * tile, legend_h + r * (tile + caption_h)
+        sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+        draw.text((x + 6, y + tile + 2), caption, fill=(230, 230, 230), font=font)
+    return sheet

@@ -9,7 +9,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "spinenet_tf"
 # Bottom to top. A module belongs to its longest matching prefix; it may import modules of
 # lower layers, and of its own layer only inside its own entry (ops may use ops, not data).
 LAYERS = [
-    ["spinenet_tf.specs", "spinenet_tf.ops", "spinenet_tf.visualize"],
+    ["spinenet_tf.specs", "spinenet_tf.ops", "spinenet_tf.visualize", "spinenet_tf.console"],
     ["spinenet_tf.layers", "spinenet_tf.data", "spinenet_tf.evaluation"],
     ["spinenet_tf.models"],
     ["spinenet_tf.tasks"],

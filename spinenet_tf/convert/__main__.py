@@ -10,9 +10,9 @@ Needs the `modelgarden` extra.
 
 from __future__ import annotations
 
-import os
+from spinenet_tf import console
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+console.quiet_tensorflow("convert")
 
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

@@ -36,16 +36,16 @@ def read_label_map(path: str) -> dict[int, str]:
     )
 
 
-def label_map_for(config) -> dict[int, str]:
-    """The label map of an ExperimentConfig's data: the evaluation annotation file's
-    categories (the synthetic shapes data's when it is the source), else the label map beside
-    the training (or evaluation) records; {} if none."""
+def find_label_map(config) -> str | None:
+    """The label map file of an ExperimentConfig's data: the evaluation annotation file (the
+    synthetic shapes data's when it is the source), else the label map beside the training
+    (or evaluation) records; None if there is none."""
     if config.eval.annotation_file and tf.io.gfile.exists(config.eval.annotation_file):
-        return read_label_map(config.eval.annotation_file)
+        return config.eval.annotation_file
     if config.synthetic_data_dir and not config.eval.source:
-        annotations = shapes.annotation_path(config.synthetic_data_dir, "val")
-        if tf.io.gfile.exists(str(annotations)):
-            return read_label_map(str(annotations))
+        annotations = str(shapes.annotation_path(config.synthetic_data_dir, "val"))
+        if tf.io.gfile.exists(annotations):
+            return annotations
     for data in (config.train, config.eval):
         source = data.source
         if not source or source.startswith("tfds:"):
@@ -54,5 +54,40 @@ def label_map_for(config) -> dict[int, str]:
         # is PREFIX.label_map.json.
         prefix = re.sub(r"(-\d+-of-\d+)?(\.tfrecord)?$", "", source.split("*", 1)[0].rstrip("-"))
         if tf.io.gfile.exists(prefix + ".label_map.json"):
-            return read_label_map(prefix + ".label_map.json")
-    return {}
+            return prefix + ".label_map.json"
+    return None
+
+
+def label_map_for(config) -> dict[int, str]:
+    """The label map of an ExperimentConfig's data (`find_label_map`); {} if none."""
+    path = find_label_map(config)
+    return read_label_map(path) if path else {}
+
+
+def resolve_num_classes(config) -> int:
+    """config.num_classes, checked against the data's label map, or (when None) the label
+    map's largest category id + 1 (class 0 is background).
+
+    Raises ValueError before anything is built when num_classes is too small for a category
+    id (naming the largest id, its name and the label map), or when it is None and the data
+    has no label map.
+    """
+    path = find_label_map(config)
+    names = read_label_map(path) if path else {}
+    if config.num_classes is None:
+        if not names:
+            raise ValueError(
+                "ExperimentConfig.num_classes is not set and the data has no label map "
+                "(PREFIX.label_map.json beside the records, or eval annotation_file): set "
+                "num_classes to the largest category id + 1"
+            )
+        return max(names) + 1
+    if names and max(names) >= config.num_classes:
+        largest = max(names)
+        raise ValueError(
+            f"ExperimentConfig.num_classes = {config.num_classes} is too small: category id "
+            f"{largest} ({names[largest]!r}) in {path} needs num_classes >= {largest + 1} "
+            "(ids are used as they are; 0 is background); set it, or leave it unset to take "
+            "it from the label map"
+        )
+    return config.num_classes

@@ -25,17 +25,26 @@ def scaled_image_hw(image_info):
     return tf.minimum(tf.round(info[..., 0, :] * info[..., 2, :]), info[..., 1, :])
 
 
+def _yxyx(pair):
+    """[..., 2] (y, x) -> [..., 1, 4] (y, x, y, x), broadcasting over N boxes."""
+    return tf.concat([pair, pair], axis=-1)[..., None, :]
+
+
+def boxes_to_input(boxes, image_info):
+    """Boxes [..., N, 4] in original pixels -> input pixels (the inverse of
+    `boxes_to_original`)."""
+    info = tf.convert_to_tensor(image_info, tf.float32)
+    boxes = tf.convert_to_tensor(boxes, tf.float32)
+    return boxes * _yxyx(info[..., 2, :]) - _yxyx(info[..., 3, :])
+
+
 def boxes_to_original(boxes, image_info, clip: bool = False):
     """Boxes [..., N, 4] (ymin, xmin, ymax, xmax) in input pixels -> original pixels, through
     image_info [..., 4, 2] (one per image of the batch, or one for all); `clip` keeps them
     inside the original image."""
     info = tf.convert_to_tensor(image_info, tf.float32)
     boxes = tf.convert_to_tensor(boxes, tf.float32)
-
-    def yxyx(pair):  # [..., 2] -> [..., 1, 4], broadcasting over the N boxes
-        return tf.concat([pair, pair], axis=-1)[..., None, :]
-
-    original = (boxes + yxyx(info[..., 3, :])) / yxyx(info[..., 2, :])
+    original = (boxes + _yxyx(info[..., 3, :])) / _yxyx(info[..., 2, :])
     if clip:
-        original = tf.clip_by_value(original, 0.0, yxyx(info[..., 0, :]))
+        original = tf.clip_by_value(original, 0.0, _yxyx(info[..., 0, :]))
     return original

@@ -6,7 +6,7 @@ import dataclasses
 
 import keras
 
-from spinenet_tf.data.label_map import label_map_for, read_label_map
+from spinenet_tf.data.label_map import label_map_for, read_label_map, resolve_num_classes
 from spinenet_tf.training import gin_bindings
 from spinenet_tf.training.trainer import restore_model
 
@@ -29,6 +29,7 @@ def load_model(
     """
     gin_bindings.parse(gin_files, gin_params)
     config = gin_bindings.experiment_config()
+    config = dataclasses.replace(config, num_classes=resolve_num_classes(config))
     keras.config.set_dtype_policy(dtype_policy)
     task = config.task
     # Serving runs one replica: plain batch norm (the variables are the same).

@@ -99,9 +99,12 @@ class Task:
         """A fresh evaluator for one pass over the evaluation split (on the host)."""
         raise NotImplementedError
 
-    def draw(self, images: np.ndarray, outputs: dict, groundtruth: dict) -> list:
+    def draw(
+        self, images: np.ndarray, outputs: dict, groundtruth: dict, label_map: dict | None = None
+    ) -> list:
         """(source id, PIL image) per real image of a gathered evaluation batch (host side;
-        `images` is the normalised network input). Default: nothing drawn."""
+        `images` is the normalised network input), outputs and ground truth drawn, classes
+        named by label_map. Default: nothing drawn."""
         return []
 
     def serving_module(self, model, label_map: dict | None = None, jit_compile: bool = False):

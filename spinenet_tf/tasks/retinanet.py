@@ -12,7 +12,7 @@ import tensorflow as tf
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.evaluation.coco import CocoEvaluator
 from spinenet_tf.models.retinanet import build_retinanet
-from spinenet_tf.ops.geometry import boxes_to_original, scaled_image_hw
+from spinenet_tf.ops.geometry import boxes_to_input, boxes_to_original, scaled_image_hw
 from spinenet_tf.tasks.base import ImageServing, Task, model_settings, unnormalize
 from spinenet_tf.visualize import draw_detections
 
@@ -61,15 +61,21 @@ class RetinaNetTask(Task):
     def evaluator(self, config):
         return CocoEvaluator(config.eval.annotation_file)
 
-    def draw(self, images, outputs, groundtruth):
+    def draw(self, images, outputs, groundtruth, label_map=None):
         pixels = unnormalize(images)
         out = []
         for i, source_id in enumerate(np.asarray(groundtruth["source_id"]).tolist()):
             if source_id < 0:  # batch filler
                 continue
-            h, w = scaled_image_hw(groundtruth["image_info"][i]).numpy().astype(int)
+            info = groundtruth["image_info"][i]
+            h, w = scaled_image_hw(info).numpy().astype(int)
             one = {k: np.asarray(v[i]) for k, v in outputs.items()}
-            out.append((source_id, draw_detections(pixels[i, :h, :w], one)))
+            truth = {
+                "boxes": boxes_to_input(groundtruth["boxes"][i], info).numpy(),
+                "classes": np.asarray(groundtruth["classes"][i]),
+            }
+            drawn = draw_detections(pixels[i, :h, :w], one, label_map, groundtruth=truth)
+            out.append((source_id, drawn))
         return out
 
     def serving_module(self, model, label_map=None, jit_compile=False):

@@ -9,11 +9,12 @@ RetinaNet, the network without box decoding), the way Model Garden reports its F
 
 from __future__ import annotations
 
-import os
 import sys
 
+from spinenet_tf import console
+
 # Before TensorFlow is imported: its start-up log lines would bury the table.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+console.quiet_tensorflow("summary")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402

@@ -75,7 +75,9 @@ class ExperimentConfig:
         task: what is trained (model, labels, losses, evaluation, serving), e.g.
             `RetinaNetTask()`, the default; gin: `ExperimentConfig.task = @RetinaNetTask()`.
         model_id: SpineNet variant ('49S', '49', '96', '143', '190', 'Mobile-49', ...).
-        num_classes: classifier outputs, background (0) included: the largest category id + 1.
+        num_classes: classifier outputs, background (0) included: the largest category id + 1;
+            None: taken from the data's label map (the trainer stops before building anything
+            when a category id does not fit).
         image_size: the square input size in pixels.
         model_overrides: model builder arguments (backbone, head, matching, decoding, e.g.
             {'filter_size_scale': 0.5, 'unmatched_iou': 0.4}).
@@ -105,7 +107,7 @@ class ExperimentConfig:
 
     task: Task = dataclasses.field(default_factory=RetinaNetTask)
     model_id: str = "49S"
-    num_classes: int = 91
+    num_classes: int | None = None
     image_size: int = 640
     model_overrides: dict = dataclasses.field(default_factory=dict)
     train: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -7,6 +7,8 @@ optimizer built inside the strategy scope before the first step (keras-team/kera
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -20,10 +22,12 @@ import keras
 import tensorflow as tf
 
 from spinenet_tf.data.dataset import TFDSSource, make_dataset
+from spinenet_tf.data.label_map import label_map_for, resolve_num_classes
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
 from spinenet_tf.training.optimizers import SGD
 from spinenet_tf.training.schedules import WarmupSchedule
+from spinenet_tf.visualize import contact_sheet
 
 log = logging.getLogger("spinenet_tf")
 
@@ -52,6 +56,7 @@ class Trainer:
     """
 
     def __init__(self, config: ExperimentConfig, model_dir: str, strategy=None):
+        config = dataclasses.replace(config, num_classes=resolve_num_classes(config))
         self.config = config
         self.model_dir = str(model_dir)
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -304,7 +309,7 @@ class Trainer:
             evaluator.update(outputs, groundtruth)
             if len(drawn) < config.num_vis_images:
                 images = self.strategy.gather(batch[0], axis=0).numpy()
-                drawn += self.task.draw(images, outputs, groundtruth)
+                drawn += self.task.draw(images, outputs, groundtruth, self.label_map)
         metrics = evaluator.result()
         self.last_eval = metrics
         step = self.step
@@ -318,12 +323,28 @@ class Trainer:
             evaluator.write(out, step)
             self._write_summaries(self._writer("eval"), step, metrics)
             if drawn:
-                tf.io.gfile.makedirs(os.path.join(out, "images"))
-                for source_id, image in drawn[: config.num_vis_images]:
-                    name = os.path.join(out, "images", f"step{step}_image{source_id}.png")
-                    with tf.io.gfile.GFile(name, "wb") as f:
-                        image.save(f, format="PNG")
+                self._write_drawings(drawn[: config.num_vis_images], step)
         return metrics
+
+    @functools.cached_property
+    def label_map(self) -> dict[int, str]:
+        """Class names of the experiment's data, for drawings ({} if it has none)."""
+        return label_map_for(self.config)
+
+    def _write_drawings(self, drawn: list, step: int):
+        """model_dir/images/step{N}_image{id}.png each, and step{N}_sheet.png: all in one."""
+        directory = os.path.join(self.model_dir, "images")
+        tf.io.gfile.makedirs(directory)
+
+        def save(image, name):
+            with tf.io.gfile.GFile(os.path.join(directory, name), "wb") as f:
+                image.save(f, format="PNG")
+
+        for source_id, image in drawn:
+            save(image, f"step{step}_image{source_id}.png")
+        sheet = contact_sheet([(f"image {source_id}", image) for source_id, image in drawn])
+        save(sheet, f"step{step}_sheet.png")
+        log.info("evaluation images: %s", os.path.join(directory, f"step{step}_sheet.png"))
 
     def continuous_eval(self, timeout: float | None = None) -> dict:
         """Evaluates each new checkpoint until the one at train_steps (or `timeout` seconds

@@ -15,7 +15,6 @@ from PIL import Image
 
 from spinenet_tf import MODEL_IDS, build_retinanet
 from spinenet_tf.data import shapes
-from spinenet_tf.data.label_map import label_map_for, read_label_map
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.ops.geometry import scaled_image_hw
 from spinenet_tf.serving.export import Detector, export_saved_model
@@ -235,25 +234,6 @@ def test_bad_arguments_are_named(model, tmp_path):
         export_saved_model(model, str(tmp_path), input_types=["png_bytes"])
     with pytest.raises(TypeError, match="uint8"):
         Detector(model).from_image_tensor(np.zeros((1, 8, 8, 3), np.float32))
-
-
-def test_label_maps_from_records_annotations_and_experiments(shapes_dir, shapes_records, tmp_path):
-    from spinenet_tf.training.trainer import DataConfig, ExperimentConfig
-
-    from_json = read_label_map(str(shapes.annotation_path(shapes_dir, "val")))
-    assert from_json == LABELS
-    prefix = shapes_records["train"].split("-*")[0]
-    assert read_label_map(prefix + ".label_map.json") == LABELS
-    config = ExperimentConfig(train=DataConfig(source=shapes_records["train"]))
-    assert label_map_for(config) == LABELS
-    config = ExperimentConfig(train=DataConfig(source=prefix + "-00001-of-00002.tfrecord"))
-    assert label_map_for(config) == LABELS
-    assert label_map_for(ExperimentConfig(synthetic_data_dir=str(shapes_dir))) == LABELS
-    assert label_map_for(ExperimentConfig(train=DataConfig(source="tfds:coco/2017:train"))) == {}
-    bad = tmp_path / "bad.json"
-    bad.write_text("[1, 2]")
-    with pytest.raises(ValueError, match="bad.json"):
-        read_label_map(str(bad))
 
 
 @pytest.mark.slow
