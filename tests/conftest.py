@@ -17,25 +17,6 @@ _CPU = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(_CPU, [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
-_GROUPING_BROKEN = (
-    "--dist loadgroup ignored this test's xdist_group: this pytest and pytest-xdist do not "
-    "group (pytest-dev/pytest-xdist#1386), so two 12-15 GB tests could run at once and "
-    "exhaust memory; install the versions setup.py's dev extra pins (make setup)"
-)
-
-
-@pytest.fixture(autouse=True)
-def _grouped(request):
-    """`make test-slow` keeps its memory-hungry tests on one worker with xdist_group marks
-    (xdist adds the group to the node id). Where the marks do nothing
-    (pytest-dev/pytest-xdist#1386), those tests fail at once with the reason instead of
-    running two at a time."""
-    node = request.node
-    loadgroup = getattr(request.config.option, "loadgroup", False)  # set on xdist workers
-    if loadgroup and node.get_closest_marker("xdist_group") and "@" not in node.nodeid:
-        pytest.fail(_GROUPING_BROKEN)
-
-
 @pytest.fixture(scope="session")
 def mirrored():
     """MirroredStrategy over the two logical CPUs. One per process: two instances' collective
@@ -54,8 +35,9 @@ CUSTOM_SPECS = [
     (3, "residual", (3, 4), True),
     (5, "bottleneck", (2, 5), True),
 ]
-# Tests that hold 8-15 GB: `make test-slow` runs them one at a time, on one worker.
-HEAVY_MEMORY = pytest.mark.xdist_group("memory")
+# Tests that hold 8-15 GB: `make test-slow` runs them after the others, alone and one at a
+# time in a fresh worker (two at once, or one on top of a worker's leftovers, exhausted 24 GiB).
+HEAVY_MEMORY = pytest.mark.memory
 # Full-size builds of these take 15-20 s each: their sweeps run in the slow suite.
 LARGE_IDS = ("143", "143L", "190")
 
