@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from spinenet_tf.data import shapes
+from spinenet_tf.visualize import MIN_DRAW_SIZE
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,7 +95,10 @@ def test_export_then_predict_from_the_saved_model_and_from_the_checkpoint(
         assert "3 images" in result.stdout and "1 unreadable files skipped" in result.stdout
         drawn = sorted(p.name for p in out.glob("*.png"))
         assert drawn == sorted(p.stem + ".png" for p in images.glob("0*.jpg"))
-        assert Image.open(out / drawn[0]).size == Image.open(images / (drawn[0][:-4] + ".jpg")).size
+        # Drawn on the original image, enlarged to a readable 512 px on the long side.
+        w, h = Image.open(images / (drawn[0][:-4] + ".jpg")).size
+        scale = max(1.0, MIN_DRAW_SIZE / max(w, h))
+        assert Image.open(out / drawn[0]).size == (round(w * scale), round(h * scale))
         outputs[how] = json.loads((out / "detections.json").read_text())
 
     results = outputs["saved_model"]
