@@ -8,10 +8,10 @@ from pathlib import Path
 import gin
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from spinenet_tf.data import create_coco_tfrecord, shapes
 from spinenet_tf.data.label_map import resolve_num_classes
-from spinenet_tf.predict import predict, saved_model_runner
 from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.serving.load import load_model
 from spinenet_tf.training import gin_bindings
@@ -92,14 +92,18 @@ def test_own_data_trains_evaluates_exports_and_predicts_with_its_names(my_data, 
     task, model, label_map = load_model(files, params, run_dir, overrides={"score_threshold": 1e-3})
     assert label_map == NAMES
     export_saved_model(model, str(tmp_path / "export"), label_map=label_map, task=task)
-    run, served_names = saved_model_runner(str(tmp_path / "export"))
-    assert served_names == NAMES
-    files_in = sorted(str(p) for p in Path(my_data["images"]).glob("*.jpg"))
-    counts = predict(run, served_names, files_in, str(tmp_path / "out"), 0.0, list(range(4)))
-    assert counts["images"] == 4 and counts["detections"] > 0
-    records = json.loads((tmp_path / "out" / "detections.json").read_text())
-    assert {r["category_name"] for r in records} <= set(NAMES.values())
-    assert {r["category_id"] for r in records} <= set(NAMES)
+    # What predict and TF Serving call: the image_bytes signature, names included. (The
+    # predict command's own test is tests/serving/test_cli.py; importing its module here
+    # would define its flags twice in this process.)
+    serve = tf.saved_model.load(str(tmp_path / "export")).signatures["image_bytes"]
+    encoded = [p.read_bytes() for p in sorted(Path(my_data["images"]).glob("*.jpg"))]
+    out = serve(inputs=tf.constant(encoded))
+    valid = np.arange(out["detection_scores"].shape[1]) < out["num_detections"].numpy()[:, None]
+    assert valid.sum() > 0
+    classes = set(out["detection_classes"].numpy()[valid].tolist())
+    names = {n.decode() for n in out["detection_class_names"].numpy()[valid].tolist()}
+    assert classes <= set(NAMES) and names <= set(NAMES.values())
+    assert all(NAMES[c] in names for c in classes)
 
 
 def test_too_few_classes_stop_before_training_naming_the_largest_id(my_data, tmp_path):

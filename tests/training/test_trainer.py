@@ -23,7 +23,8 @@ def test_train_checkpoint_resume_and_evaluate(shapes_records, shapes_dir, tmp_pa
     assert set(metrics) >= {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100"}
     saved = json.loads((model_dir / "eval_4.json").read_text())
     assert saved["step"] == 4 and saved["AP"] == pytest.approx(metrics["AP"])
-    assert len(list((model_dir / "images").glob("*.png"))) == 2
+    assert len(list((model_dir / "images").glob("step4_image*.png"))) == 2
+    assert (model_dir / "images" / "step4_sheet.png").exists()
     assert list((model_dir / "eval").iterdir())  # TensorBoard events
 
     # A new trainer (a restarted process) resumes at step 4 with the same weights.
