@@ -22,7 +22,6 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from spinenet_tf.data import shapes  # noqa: E402
 from spinenet_tf.data.label_map import resolve_num_classes  # noqa: E402
 from spinenet_tf.training import gin_bindings  # noqa: E402
 from spinenet_tf.training.strategy import STRATEGIES, get_strategy  # noqa: E402
@@ -42,17 +41,18 @@ FLAGS = flags.FLAGS
 
 
 def prepare_synthetic_data(config):
-    """Fills empty data sources from the synthetic shapes dataset, generating it if absent."""
+    """Fills empty data sources from the task's synthetic dataset (RetinaNet: the shapes
+    detection data), generating it if absent."""
     if not config.synthetic_data_dir:
         return config
-    paths = shapes.ensure_dataset(config.synthetic_data_dir, **config.synthetic_data_args)
+    paths = config.task.synthetic_data(config.synthetic_data_dir, **config.synthetic_data_args)
     train = config.train
     if not train.source:
         train = dataclasses.replace(train, source=paths["train"])
     evaluation = config.eval
     if not evaluation.source:
         evaluation = dataclasses.replace(
-            evaluation, source=paths["val"], annotation_file=paths["val_annotations"]
+            evaluation, source=paths["val"], annotation_file=paths["label_map"]
         )
     return dataclasses.replace(config, train=train, eval=evaluation)
 
@@ -118,7 +118,9 @@ def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
         [f"--gin_file={f}" for f in gin_files] + [f'--gin_param="{p}"' for p in gin_params]
     )
     if config.synthetic_data_dir:
-        images = str(shapes.image_dir(config.synthetic_data_dir, "val") / "*.jpg")
+        images = config.task.synthetic_data(
+            config.synthetic_data_dir, **config.synthetic_data_args
+        )["images"]
     else:
         images = "YOUR_IMAGES/*.jpg"
     predictions = os.path.join(model_dir, "predictions")

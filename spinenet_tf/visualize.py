@@ -1,5 +1,5 @@
-"""Pictures a person reads: detections (class names, scores) and ground truth drawn on images
-at a readable size, and contact sheets of many of them."""
+"""Pictures a person reads: detections (class names, scores) and ground truth drawn on images,
+an image's top classes written beneath it, at a readable size, and contact sheets of many."""
 
 from __future__ import annotations
 
@@ -126,11 +126,54 @@ def draw_detections(
     return canvas
 
 
+DETECTION_LEGEND = "white: ground truth    coloured: detections (class score)"
+CLASSIFICATION_LEGEND = "top classes with probabilities; green: the true class, red: a wrong top 1"
+CORRECT_COLOUR, WRONG_COLOUR = (90, 220, 90), (240, 80, 80)
+
+
+def draw_classification(
+    image,
+    classes,
+    scores,
+    label_map: dict | None = None,
+    label: int | None = None,
+    min_size: int = MIN_DRAW_SIZE,
+) -> Image.Image:
+    """Returns a PIL image of `image` (enlarged to at least min_size on the long side) above
+    a panel listing the top classes ([k] ids, best first) with their probabilities, and the
+    true class when `label` is given (green where a listed class is it, red for a wrong
+    first guess)."""
+    canvas, _ = _canvas(image, min_size)
+    label_map = label_map or {}
+    font = _font(max(12, round(max(canvas.size) / 32)))
+    line_h = font.getbbox("Ag")[3] + 6
+    lines = []
+    if label is not None:
+        lines.append((f"truth: {label_map.get(int(label), str(int(label)))}", (230, 230, 230)))
+    for rank, (cls, score) in enumerate(zip(np.asarray(classes), np.asarray(scores), strict=True)):
+        colour = (230, 230, 230)
+        if label is not None and int(cls) == int(label):
+            colour = CORRECT_COLOUR
+        elif label is not None and rank == 0:
+            colour = WRONG_COLOUR
+        name = label_map.get(int(cls), str(int(cls)))
+        lines.append((f"{rank + 1}. {name}  {float(score):.2f}", colour))
+    out = Image.new("RGB", (canvas.width, canvas.height + line_h * len(lines) + 8), (32, 32, 32))
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, (text, colour) in enumerate(lines):
+        draw.text((8, canvas.height + 4 + i * line_h), text, fill=colour, font=font)
+    return out
+
+
 def contact_sheet(
-    images: list[tuple[str, Image.Image]], tile: int = 384, columns: int | None = None
+    images: list[tuple[str, Image.Image]],
+    tile: int = 384,
+    columns: int | None = None,
+    legend: str = DETECTION_LEGEND,
 ) -> Image.Image:
     """One image: a grid of (caption, image) tiles, each fitted into tile x tile, with a
-    legend line (ground truth white, detections coloured by class) at the top."""
+    legend line at the top (by default: ground truth white, detections coloured by class)."""
     if not images:
         raise ValueError("contact_sheet needs at least one image")
     columns = columns or math.ceil(math.sqrt(len(images)))
@@ -140,12 +183,7 @@ def contact_sheet(
     legend_h = caption_h + 4
     sheet = Image.new("RGB", (columns * tile, legend_h + rows * (tile + caption_h)), (32, 32, 32))
     draw = ImageDraw.Draw(sheet)
-    draw.text(
-        (6, 4),
-        "white: ground truth    coloured: detections (class score)",
-        fill=(230, 230, 230),
-        font=font,
-    )
+    draw.text((6, 4), legend, fill=(230, 230, 230), font=font)
     for i, (caption, image) in enumerate(images):
         r, c = divmod(i, columns)
         thumb = image.copy()

@@ -132,6 +132,22 @@ def shapes_records(shapes_dir):
     return out
 
 
+@pytest.fixture(scope="session")
+def classification_data(tmp_path_factory):
+    """The shapes classification data, small: 24 training and 10 held-out images of 48 px
+    or less, as TFRecords with label maps ({"train", "val", "label_map", "images"})."""
+    from spinenet_tf.data import shapes_classification
+
+    return shapes_classification.ensure_dataset(
+        tmp_path_factory.mktemp("shapes_cls"),
+        num_train=24,
+        num_val=10,
+        image_size=48,
+        seed=3,
+        num_shards=2,
+    )
+
+
 def tiny_experiment(records, shapes_dir, **overrides):
     """A 4-step RetinaNet experiment on the shapes records, tiny model, evaluation on."""
     from spinenet_tf.data import shapes

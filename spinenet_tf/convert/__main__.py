@@ -2,10 +2,16 @@
 
     python -m spinenet_tf.convert --model_id=49 --checkpoint=/path/ckpt-500000 \
         --output=spinenet49.weights.h5
+    python -m spinenet_tf.convert --model_id=49 --checkpoint=/path/ckpt-500000 \
+        --num_classes=91 --output=converted/retinanet49/ckpt
 
 Model Garden publishes `tf.train.Checkpoint(model=detector)` files; checkpoints of a bare
-backbone (`tf.train.Checkpoint(backbone=...)`) work too. Only the backbone is converted.
-Needs the `modelgarden` extra.
+backbone (`tf.train.Checkpoint(backbone=...)`) work too. Without --num_classes the backbone
+is converted; with it, the whole RetinaNet (backbone and head, Model Garden's with that many
+classes). --output ending in .weights.h5 or .keras writes Keras files; an output without an
+extension is a checkpoint prefix, which an experiment starts from with
+`ExperimentConfig.init_checkpoint` (fine-tuning, also with other classes) and which export
+and predict read as --checkpoint. Needs the `modelgarden` extra.
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ from spinenet_tf import console
 
 console.quiet_tensorflow("convert")
 
+import os  # noqa: E402
+
 import tensorflow as tf  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from spinenet_tf import specs  # noqa: E402
 from spinenet_tf.convert.model_garden import (  # noqa: E402
     build_model_garden_backbone,
+    build_model_garden_retinanet,
     from_model_garden,
 )
+from spinenet_tf.models.retinanet import build_retinanet  # noqa: E402
 from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
+from spinenet_tf.training.checkpoints import model_variables  # noqa: E402
 
 # Where a backbone sits in the object graphs Model Garden writes: its detectors keep it in
 # `_backbone` and save as `model`; backbone-only checkpoints use `backbone`.
@@ -62,23 +73,62 @@ def convert(
     max_level: int = 7,
     activation: str | None = None,
     image_size: int | None = None,
+    num_classes: int | None = None,
 ):
-    if not (output.endswith(".weights.h5") or output.endswith(".keras")):
-        raise ValueError(f"--output {output!r} must end in .weights.h5 or .keras")
-    kwargs = dict(min_level=min_level, max_level=max_level)
-    if activation:
-        kwargs["activation"] = activation
+    """Converts a Model Garden checkpoint: the backbone, or with num_classes the RetinaNet;
+    returns our model. See the module docstring for `output`."""
+    extension = os.path.splitext(os.path.basename(output))[1]
+    keras_file = output.endswith(".weights.h5") or output.endswith(".keras")
+    if extension and not keras_file:
+        raise ValueError(
+            f"--output {output!r} must end in .weights.h5 or .keras, or be a checkpoint prefix "
+            "without an extension (e.g. converted/ckpt)"
+        )
     size = image_size or specs.PAPER_IMAGE_SIZES[specs.get_scaling(model_id).model_id]
-    source = build_model_garden_backbone(model_id, input_shape=(size, size, 3), **kwargs)
-    path = restore_model_garden_backbone(source, checkpoint)
-    target = build_backbone(model_id, **kwargs)
+    if num_classes:
+        if (min_level, max_level) != (3, 7) or activation:
+            raise ValueError(
+                "--num_classes converts Model Garden's RetinaNet as its SpineNet recipes build "
+                "it (levels 3-7, the model id's activation); drop --min_level, --max_level and "
+                "--activation"
+            )
+        source = build_model_garden_retinanet(model_id, num_classes, size)
+        path = restore_model_garden_detector(source, checkpoint)
+        target = build_retinanet(model_id, num_classes, size)
+    else:
+        kwargs = dict(min_level=min_level, max_level=max_level)
+        if activation:
+            kwargs["activation"] = activation
+        source = build_model_garden_backbone(model_id, input_shape=(size, size, 3), **kwargs)
+        path = restore_model_garden_backbone(source, checkpoint)
+        target = build_backbone(model_id, **kwargs)
     from_model_garden(source, target)
     if output.endswith(".keras"):
         target.save(output)
-    else:
+    elif keras_file:
         target.save_weights(output)
+    else:
+        tf.io.gfile.makedirs(os.path.dirname(output) or ".")
+        tf.train.Checkpoint(model=model_variables(target)).write(output)
     logging.info("converted %s (%s) -> %s", path, model_id, output)
     return target
+
+
+def restore_model_garden_detector(detector, checkpoint: str) -> str:
+    """Reads `checkpoint` into a Model Garden RetinaNet; raises naming the file on failure."""
+    path = tf.train.latest_checkpoint(checkpoint) if tf.io.gfile.isdir(checkpoint) else checkpoint
+    if not path or not tf.io.gfile.glob(path + "*"):
+        raise FileNotFoundError(f"no checkpoint at {checkpoint!r}")
+    status = tf.train.Checkpoint(model=detector).read(path)
+    try:
+        status.assert_existing_objects_matched()
+    except (AssertionError, ValueError) as e:
+        raise ValueError(
+            f"checkpoint {path!r} holds no RetinaNet matching Model Garden's of this model id "
+            f"and --num_classes: {str(e).splitlines()[0]}"
+        ) from None
+    status.expect_partial()
+    return path
 
 
 FLAGS = flags.FLAGS
@@ -89,7 +139,16 @@ def define_flags():
     flags.DEFINE_string("model_id", None, f"One of {', '.join(specs.MODEL_IDS)}.")
     flags.DEFINE_string("checkpoint", None, "Model Garden checkpoint prefix or directory.")
     flags.DEFINE_string(
-        "output", None, "Where to write: *.weights.h5 (weights) or *.keras (model)."
+        "output",
+        None,
+        "Where to write: *.weights.h5 (weights), *.keras (model) or a checkpoint prefix "
+        "without extension (for init_checkpoint, export and predict).",
+    )
+    flags.DEFINE_integer(
+        "num_classes",
+        None,
+        "Convert the whole RetinaNet (backbone and head), Model Garden's with this many "
+        "classes (COCO: 91); default: the backbone only.",
     )
     flags.DEFINE_integer("min_level", 3, "Lowest output level the checkpoint's model used.")
     flags.DEFINE_integer("max_level", 7, "Highest output level the checkpoint's model used.")
@@ -114,6 +173,7 @@ def main(argv):
         FLAGS.max_level,
         FLAGS.activation,
         FLAGS.image_size,
+        FLAGS.num_classes,
     )
     print(f"wrote {FLAGS.output}")
 

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 
-from spinenet_tf.data.decoders import decode_example, decode_tfds
+from spinenet_tf.data.decoders import Decoders, detection_decoders
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -176,7 +175,7 @@ def make_dataset(
     *,
     training: bool,
     input_context: tf.distribute.InputContext | None = None,
-    include_masks: bool = False,
+    decoders: Decoders | None = None,
     shuffle_buffer: int = 1024,
     cycle_length: int = 16,
     deterministic: bool = False,
@@ -190,6 +189,8 @@ def make_dataset(
     Args:
         source: a TFRecord file pattern (local or gs://) or list of them, or a TFDSSource.
         parser: parse(decoded, seed) -> (image, labels), e.g. `detection_parser(...)`.
+        decoders: how records become the parser's dicts (`spinenet_tf.data.decoders`);
+            default: detection without masks.
         global_batch_size: split across replicas through input_context.
         training: shuffle, repeat forever, drop the last partial batch. Otherwise one pass,
             with the last batch filled up with copies whose source_id is -1 (to skip in
@@ -209,8 +210,9 @@ def make_dataset(
     )
     if seed is None and deterministic:
         seed = 0
+    decoders = decoders or detection_decoders()
     if isinstance(source, TFDSSource):
-        elements = _tfds_elements(source, input_context, training)
+        elements = _tfds_elements(source, decoders.tfds, input_context, training)
     else:
         read_options = dict(
             cycle_length=cycle_length,
@@ -218,8 +220,9 @@ def make_dataset(
             skip_corrupt=skip_corrupt,
             counter=skipped_counter,
         )
-        decode = functools.partial(decode_example, include_masks=include_masks)
-        elements = _tfrecord_elements(source, decode, input_context, training, seed, read_options)
+        elements = _tfrecord_elements(
+            source, decoders.example, input_context, training, seed, read_options
+        )
     if cache:
         elements = elements.cache()
     elements = _passes(elements, training, shuffle_buffer, seed)
@@ -270,7 +273,9 @@ def _warn(message):
     return tf.print("WARNING: skipping", message, output_stream=sys.stderr)
 
 
-def _tfds_elements(source: TFDSSource, input_context, training: bool) -> tf.data.Dataset:
+def _tfds_elements(
+    source: TFDSSource, decode: Callable, input_context, training: bool
+) -> tf.data.Dataset:
     import tensorflow_datasets as tfds
 
     ds = tfds.load(
@@ -283,5 +288,5 @@ def _tfds_elements(source: TFDSSource, input_context, training: bool) -> tf.data
     )
     # The key of an example is its position in this pipeline's split (TFDS gives no record
     # index without tfds_id, which mock data lacks).
-    ds = ds.map(decode_tfds, num_parallel_calls=AUTOTUNE).enumerate()
+    ds = ds.map(decode, num_parallel_calls=AUTOTUNE).enumerate()
     return ds.map(lambda index, d: (d, index[None]))

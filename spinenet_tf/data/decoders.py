@@ -1,5 +1,8 @@
-"""Decoders: a serialized tf.Example (Model Garden's COCO schema) or a TFDS coco/2017 example
-to the pipeline's common dict.
+"""Decoders: a serialized tf.Example or a TFDS example to a task's common dict.
+
+Detection (Model Garden's COCO schema, TFDS coco/2017): see below. Classification (the
+image/encoded + image/class/label schema, TFDS imagenet2012 and the like):
+`decode_classification_example`.
 
 The common dict: image uint8 [H, W, 3]; source_id int64; height, width int32; boxes float32
 [n, 4] (ymin, xmin, ymax, xmax) normalised to [0, 1]; classes int32 [n] (dataset category
@@ -7,6 +10,10 @@ ids, 0 never used); is_crowd bool [n]; areas float32 [n]; with masks, masks uint
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -98,3 +105,71 @@ def decode_tfds(example: dict, include_masks: bool = False) -> dict:
     if include_masks:
         raise ValueError("TFDS coco/2017 has no instance masks; use TFRecords with masks")
     return out
+
+
+def decode_classification_example(serialized) -> dict:
+    """Parses one serialized tf.Example of the classification schema (Model Garden's and
+    tensorflow/tpu's: image/encoded, image/class/label; image/source_id if present).
+
+    Returns {"image": uint8 [H, W, 3], "label": int32 (-1 if absent), "source_id": int64}.
+    The image is decoded here, whatever its format, so an undecodable record is caught (and
+    named, or skipped) by the reader like a detection record.
+    """
+    parsed = tf.io.parse_single_example(
+        serialized,
+        {
+            "image/encoded": tf.io.FixedLenFeature((), tf.string),
+            "image/class/label": tf.io.FixedLenFeature((), tf.int64, default_value=-1),
+            "image/source_id": tf.io.FixedLenFeature((), tf.string, default_value="0"),
+        },
+    )
+    image = tf.io.decode_image(parsed["image/encoded"], channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return {
+        "image": image,
+        "label": tf.cast(parsed["image/class/label"], tf.int32),
+        "source_id": tf.strings.to_number(parsed["image/source_id"], tf.int64),
+    }
+
+
+def decode_tfds_classification(example: dict) -> dict:
+    """Maps a TFDS image classification example (imagenet2012, i_naturalist2017, ...) to
+    decode_classification_example's dict.
+
+    TFDS numbers classes from 0; they become 1.. here, as tensorflow/tpu's ImageNet records
+    number them (class 0 unused: ImageNet has num_classes 1001). The source id is a hash of
+    the file name (0 without one).
+    """
+    image = tf.convert_to_tensor(example["image"])
+    if image.shape.rank == 3 and image.shape[-1] == 1:
+        image = tf.image.grayscale_to_rgb(image)
+    file_name = example.get("file_name")
+    source_id = (
+        tf.strings.to_hash_bucket_fast(file_name, 2**62)
+        if file_name is not None
+        else tf.constant(0, tf.int64)
+    )
+    return {
+        "image": image,
+        "label": tf.cast(example["label"], tf.int32) + 1,
+        "source_id": source_id,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoders:
+    """How `make_dataset` decodes a task's records: `example` takes a serialized tf.Example,
+    `tfds` a TFDS example; both return the task's common dict."""
+
+    example: Callable
+    tfds: Callable
+
+
+def detection_decoders(include_masks: bool = False) -> Decoders:
+    return Decoders(
+        functools.partial(decode_example, include_masks=include_masks),
+        functools.partial(decode_tfds, include_masks=include_masks),
+    )
+
+
+CLASSIFICATION_DECODERS = Decoders(decode_classification_example, decode_tfds_classification)

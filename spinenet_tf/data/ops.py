@@ -186,3 +186,64 @@ def groundtruth(d: dict) -> dict:
         "areas": d["areas"],
         "num_instances": d["num_instances"],
     }
+
+
+# -- classification ----------------------------------------------------------------------------
+CENTER_CROP_FRACTION = 0.875
+
+
+def center_crop(image, fraction: float = CENTER_CROP_FRACTION):
+    """The centred square of side int(fraction * shorter side) (tensorflow/tpu's eval crop) of
+    an image [H, W, C] or a batch [B, H, W, C] of one size."""
+    shape = tf.shape(image)
+    h, w = shape[-3], shape[-2]
+    side = tf.cast(fraction * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
+    side = tf.maximum(side, 1)
+    return tf.image.crop_to_bounding_box(image, (h - side) // 2, (w - side) // 2, side, side)
+
+
+def random_crop(
+    image,
+    seed=None,
+    area_range=(0.08, 1.0),
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    max_attempts: int = 10,
+    fallback_fraction: float = CENTER_CROP_FRACTION,
+):
+    """Inception-style crop (Szegedy et al. 2015; tensorflow/tpu's random_crop_image_v2): a
+    window of area_range of the image and aspect_ratio_range, drawn up to max_attempts times;
+    when no draw fits (the whole image comes back), the centre crop instead."""
+    shape = tf.shape(image)
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=_seed(seed, 2),
+        min_object_covered=area_range[0],
+        aspect_ratio_range=aspect_ratio_range,
+        area_range=area_range,
+        max_attempts=max_attempts,
+        use_image_if_no_bounding_boxes=True,
+    )
+    whole = tf.reduce_all(tf.equal(size[:2], shape[:2]))
+    return tf.cond(
+        whole,
+        lambda: center_crop(image, fallback_fraction),
+        lambda: tf.slice(image, begin, size),
+    )
+
+
+def resize_bilinear_legacy(image, output_size):
+    """Bilinear resize without half-pixel centres: TF1's tf.image.resize_images, which
+    tensorflow/tpu's classification input uses (TF2's tf.image.resize samples half-pixel
+    centres). [H, W, C] or [B, H, W, C] -> float32 [..., *output_size, C]."""
+    batch = image if image.shape.rank == 4 else image[None]
+    resized = tf.compat.v1.image.resize_bilinear(
+        batch, output_size, align_corners=False, half_pixel_centers=False
+    )
+    resized = resized if image.shape.rank == 4 else resized[0]
+    return tf.ensure_shape(resized, [*image.shape[:-3], *output_size, image.shape[-1]])
+
+
+def random_flip_image(image, seed=None, probability: float = 0.5):
+    flip = tf.random.stateless_uniform([], _seed(seed, 1)) < probability
+    return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)

@@ -68,3 +68,45 @@ def detection_parser(
         return image, labels
 
     return parse
+
+
+def classification_parser(
+    image_size,
+    *,
+    training: bool,
+    area_range=(0.08, 1.0),
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    center_crop_fraction: float = ops.CENTER_CROP_FRACTION,
+    flip: bool = True,
+    image_dtype="float32",
+) -> Callable:
+    """Returns parse(decoded, seed=None) -> (image, labels) for image classifiers: the input
+    of tensorflow/tpu's SpineNet ImageNet recipe.
+
+    Training: Inception-style random crop (`ops.random_crop`: area_range of the image,
+    aspect_ratio_range, the centre crop when no draw fits), normalisation, bilinear resize to
+    image_size (TF1's, without half-pixel centres), random horizontal flip. Evaluation: the
+    centre crop of center_crop_fraction of the shorter side, normalisation, the same resize.
+    Labels: {"label": int32} for training; {"label", "source_id"} for evaluation (batch
+    fillers get source_id -1).
+    """
+    image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+    def parse(d: dict, seed=None):
+        image = d["image"]
+        if training:
+            image = ops.random_crop(
+                image, seed, area_range, aspect_ratio_range, fallback_fraction=center_crop_fraction
+            )
+        else:
+            image = ops.center_crop(image, center_crop_fraction)
+        image = ops.normalize_image({"image": image})["image"]
+        image = ops.resize_bilinear_legacy(image, image_size)
+        if training and flip:
+            image = ops.random_flip_image(image, seed)
+        labels = {"label": tf.cast(d["label"], tf.int32)}
+        if not training:
+            labels["source_id"] = tf.cast(d["source_id"], tf.int64)
+        return tf.cast(image, image_dtype), labels
+
+    return parse

@@ -8,7 +8,7 @@ import keras
 
 from spinenet_tf.data.label_map import label_map_for, read_label_map, resolve_num_classes
 from spinenet_tf.training import gin_bindings
-from spinenet_tf.training.trainer import restore_model
+from spinenet_tf.training.checkpoints import restore_model
 
 
 def load_model(

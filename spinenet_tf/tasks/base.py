@@ -17,6 +17,7 @@ import tensorflow as tf
 from PIL import Image
 
 from spinenet_tf.data import ops
+from spinenet_tf.data.decoders import Decoders, detection_decoders
 
 INPUT_TYPES = ("image_tensor", "image_bytes", "tf_example")
 # The one input of every signature is named as Model Garden names it, so clients of a
@@ -69,6 +70,21 @@ class Task:
     # The losses train_losses returns and the trainer reports (their mean per host loop);
     # "total_loss" is always there.
     train_loss_names: tuple = ("total_loss",)
+    # The line above the contact sheet of the evaluation drawings.
+    sheet_legend: str = ""
+
+    @property
+    def decoders(self) -> Decoders:
+        """How the input pipeline decodes records for this task's parser (default: the COCO
+        detection schema, `spinenet_tf.data.decoders`)."""
+        return detection_decoders()
+
+    def synthetic_data(self, directory: str, **args) -> dict:
+        """Generates (unless there already) the task's embedded synthetic dataset under
+        `directory`; returns {"train": source, "val": source, "label_map": file naming the
+        classes, "images": glob of the held-out images}. `args`: the generator's
+        (ExperimentConfig.synthetic_data_args)."""
+        raise NotImplementedError(f"{type(self).__name__} has no synthetic dataset")
 
     def build_model(self, config):
         """The experiment's Keras model, in the current dtype policy and strategy scope, from
@@ -128,6 +144,20 @@ class Task:
     ) -> list[dict]:
         """JSON records of one served prediction (predict adds image_id and file_name)."""
         return [{k: np.asarray(v).tolist() for k, v in prediction.items()}]
+
+
+def class_name_table(label_map: dict | None):
+    """A lookup table class id (int32) -> name ("" for ids it lacks), or None without names."""
+    if not label_map:
+        return None
+    names = {int(k): str(v) for k, v in label_map.items()}
+    ids = sorted(names)
+    return tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(ids, tf.int32), tf.constant([names[i] for i in ids], tf.string)
+        ),
+        default_value="",
+    )
 
 
 def unnormalize(images: np.ndarray) -> np.ndarray:

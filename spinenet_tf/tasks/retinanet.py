@@ -9,12 +9,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from spinenet_tf.data import shapes
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.evaluation.coco import CocoEvaluator
 from spinenet_tf.models.retinanet import build_retinanet
 from spinenet_tf.ops.geometry import boxes_to_input, boxes_to_original, scaled_image_hw
-from spinenet_tf.tasks.base import ImageServing, Task, model_settings, unnormalize
-from spinenet_tf.visualize import draw_detections
+from spinenet_tf.tasks.base import (
+    ImageServing,
+    Task,
+    class_name_table,
+    model_settings,
+    unnormalize,
+)
+from spinenet_tf.visualize import DETECTION_LEGEND, draw_detections
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +29,16 @@ class RetinaNetTask(Task):
     """RetinaNet-SpineNet on COCO-style data; see `spinenet_tf.models.retinanet.RetinaNet`."""
 
     train_loss_names = ("cls_loss", "box_loss", "total_loss")
+    sheet_legend = DETECTION_LEGEND
+
+    def synthetic_data(self, directory, **args):
+        paths = shapes.ensure_dataset(directory, **args)
+        return {
+            "train": paths["train"],
+            "val": paths["val"],
+            "label_map": paths["val_annotations"],
+            "images": str(shapes.image_dir(directory, "val") / "*.jpg"),
+        }
 
     def build_model(self, config):
         return build_retinanet(
@@ -129,17 +146,7 @@ class Detector(ImageServing):
     def __init__(self, model, label_map: dict | None = None, jit_compile: bool = False):
         super().__init__(model.image_size)
         self.model = model
-        self.label_map = {int(k): str(v) for k, v in (label_map or {}).items()}
-        self.names = None
-        if self.label_map:
-            ids = sorted(self.label_map)
-            self.names = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(
-                    tf.constant(ids, tf.int32),
-                    tf.constant([self.label_map[i] for i in ids], tf.string),
-                ),
-                default_value="",
-            )
+        self.names = class_name_table(label_map)
         # Network and decoding compile as one XLA cluster when asked (static shapes past the
         # resize); preprocessing stays outside: its shapes depend on the image.
         self._network = tf.function(self._network_and_decode, jit_compile=jit_compile)

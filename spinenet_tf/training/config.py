@@ -102,7 +102,14 @@ class ExperimentConfig:
         num_vis_images: evaluation images saved with the task's drawing of its outputs.
         synthetic_data_dir: when set, the synthetic shapes dataset is generated there (if
             absent) and used for any split without a source.
-        synthetic_data_args: arguments of `spinenet_tf.data.shapes.ensure_dataset`.
+        synthetic_data_args: arguments of the task's synthetic data generator
+            (`spinenet_tf.data.shapes.ensure_dataset` for RetinaNet).
+        init_checkpoint: a checkpoint (prefix or directory) of another experiment, or a
+            converted Model Garden one, to start from when model_dir has none; its backbone
+            must be this model's (`spinenet_tf.training.checkpoints.init_from_checkpoint`).
+        init_scope: what init_checkpoint loads: 'all' (the backbone and every other
+            variable of the same path and shape, e.g. a detector's head; a class output for
+            other classes stays fresh) or 'backbone'.
     """
 
     task: Task = dataclasses.field(default_factory=RetinaNetTask)
@@ -126,3 +133,5 @@ class ExperimentConfig:
     num_vis_images: int = 0
     synthetic_data_dir: str = ""
     synthetic_data_args: dict = dataclasses.field(default_factory=dict)
+    init_checkpoint: str = ""
+    init_scope: str = "all"

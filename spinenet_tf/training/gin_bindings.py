@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gin
 
+from spinenet_tf.tasks.classification import ClassificationTask
 from spinenet_tf.tasks.retinanet import RetinaNetTask
 from spinenet_tf.training import config as config_lib
 
@@ -28,6 +29,7 @@ def register_task(task_class: type, name: str | None = None):
 
 
 register_task(RetinaNetTask)
+register_task(ClassificationTask)
 
 
 # Experiments include fragments by their path under gin_configs/ ('models/spinenet49.gin').

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ import tensorflow as tf
 from spinenet_tf.data.dataset import TFDSSource, make_dataset
 from spinenet_tf.data.label_map import label_map_for, resolve_num_classes
 from spinenet_tf.training import strategy as strategy_lib
+from spinenet_tf.training.checkpoints import by_path, init_from_checkpoint, model_variables
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
 from spinenet_tf.training.optimizers import SGD
 from spinenet_tf.training.schedules import WarmupSchedule
@@ -76,13 +76,14 @@ class Trainer:
         self.checkpoint = tf.train.Checkpoint(
             model=model_variables(self.model),
             # Optimizer paths start with its auto-numbered name (sgd, sgd_1, ...): drop it.
-            optimizer=_by_path(self.optimizer.variables, lambda p: p.split("/", 1)[-1]),
+            optimizer=by_path(self.optimizer.variables, lambda p: p.split("/", 1)[-1]),
         )
         directory = self.model_dir if self.chief else _worker_dir(self.model_dir, self.strategy)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory, max_to_keep=config.keep_checkpoints
         )
         self._stop_requested = False
+        self._initialized = False  # from config.init_checkpoint
         self.history: list[dict] = []  # metrics of each host loop of this process
         self.last_eval: dict | None = None  # metrics of the latest evaluate()
         self._train_loop = None
@@ -124,6 +125,7 @@ class Trainer:
                 data.global_batch_size,
                 training=training,
                 input_context=input_context,
+                decoders=self.task.decoders,
                 shuffle_buffer=data.shuffle_buffer,
                 deterministic=self.config.deterministic,
                 seed=self.config.seed,
@@ -198,11 +200,18 @@ class Trainer:
         self._stop_requested = True
 
     def restore(self) -> int:
-        """Restores the latest checkpoint, if any; returns the step."""
+        """Restores the latest checkpoint, if any; else, with config.init_checkpoint, starts
+        from that checkpoint's weights (see `init_from_checkpoint`). Returns the step."""
         latest = self.manager.latest_checkpoint
         if latest:
             self.checkpoint.restore(latest).assert_existing_objects_matched()
             log.info("restored %s at step %d", latest, self.step)
+        elif self.config.init_checkpoint and not self._initialized:
+            report = init_from_checkpoint(
+                self.model, self.config.init_checkpoint, self.config.init_scope
+            )
+            self._initialized = True
+            log.info("%s", report.summary())
         return self.step
 
     def train(self, evaluate_every_checkpoint: bool = False) -> dict:
@@ -342,7 +351,10 @@ class Trainer:
 
         for source_id, image in drawn:
             save(image, f"step{step}_image{source_id}.png")
-        sheet = contact_sheet([(f"image {source_id}", image) for source_id, image in drawn])
+        sheet = contact_sheet(
+            [(f"image {source_id}", image) for source_id, image in drawn],
+            legend=self.task.sheet_legend,
+        )
         save(sheet, f"step{step}_sheet.png")
         log.info("evaluation images: %s", os.path.join(directory, f"step{step}_sheet.png"))
 
@@ -356,58 +368,6 @@ class Trainer:
             if self.step >= self.config.train_steps:
                 break
         return metrics
-
-
-def model_variables(model) -> dict:
-    """The model's part of a training checkpoint: its variables keyed by path."""
-    return _by_path(model.weights)
-
-
-def restore_model(model, checkpoint: str) -> str:
-    """Loads a training checkpoint's model weights (not its optimizer state) into `model`.
-
-    `checkpoint` is a checkpoint prefix (model_dir/ckpt-1500) or a directory, whose latest
-    checkpoint is taken. Returns the prefix read. Raises ValueError naming the path when
-    there is no checkpoint or when it lacks one of the model's variables.
-    """
-    prefix = checkpoint
-    if tf.io.gfile.isdir(checkpoint):
-        prefix = tf.train.latest_checkpoint(checkpoint)
-        if prefix is None:
-            raise ValueError(f"no checkpoint in directory {checkpoint}")
-    elif not tf.io.gfile.exists(prefix + ".index"):
-        raise ValueError(f"no checkpoint at {checkpoint} (expected {checkpoint}.index)")
-    # TF logs every unmatched checkpoint value when a failed restore is garbage-collected;
-    # the error below says what matters, so that stays quiet.
-    logger, level = tf.get_logger(), tf.get_logger().level
-    logger.setLevel("ERROR")
-    error = None
-    try:
-        checkpoint_object = tf.train.Checkpoint(model=model_variables(model))
-        # expect_partial: the optimizer's slots are not wanted here.
-        checkpoint_object.restore(prefix).expect_partial().assert_existing_objects_matched()
-    except (AssertionError, ValueError) as e:  # missing variables / shape mismatches
-        error = str(e)[:500]
-    finally:
-        checkpoint_object = None
-        gc.collect()
-        logger.setLevel(level)
-    if error:
-        raise ValueError(
-            f"checkpoint {prefix} does not fit this model (another model_id, size or "
-            f"overrides?): {error}"
-        )
-    return prefix
-
-
-def _by_path(variables, key=lambda path: path) -> dict:
-    out = {}
-    for v in variables:
-        k = key(v.path)
-        if k in out:
-            raise ValueError(f"two variables share the path {k}; cannot checkpoint by path")
-        out[k] = v
-    return out
 
 
 def _worker_dir(model_dir: str, strategy) -> str:

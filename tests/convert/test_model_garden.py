@@ -240,3 +240,50 @@ def test_converted_retinanet_equals_model_garden_large(model_id, rng):
     # is arbitrary on both sides), as the mobile heads tie (see above). Decoding is the same
     # code for every model id.
     _check_retinanet_parity(model_id, rng, detections=model_id in ("49", "96"))
+
+
+@pytest.mark.slow  # Model Garden's and our full-width 49S, and twelve training steps
+def test_fine_tuning_from_a_converted_model_garden_detector(shapes_records, shapes_dir, tmp_path):
+    """The README's fine-tuning path: Model Garden RetinaNet-49S with 91 classes -> its
+    checkpoint -> `convert --num_classes=91` to a checkpoint prefix -> an experiment on the
+    shapes data (5 classes) with init_checkpoint: the backbone and the box head start as
+    converted, the class output (91 -> 5 classes) fresh, and the loss falls."""
+    model_garden()
+    import tensorflow as tf
+
+    from spinenet_tf.convert.__main__ import convert
+    from spinenet_tf.convert.model_garden import build_model_garden_retinanet
+    from spinenet_tf.training.trainer import Trainer
+    from tests.conftest import tiny_experiment
+
+    detector = build_model_garden_retinanet("49S", 91, 128)
+    tf.train.Checkpoint(model=detector).save(str(tmp_path / "mg" / "ckpt"))
+    prefix = str(tmp_path / "converted" / "ckpt")
+    converted = convert("49S", str(tmp_path / "mg"), prefix, image_size=128, num_classes=91)
+    assert tf.io.gfile.exists(prefix + ".index")
+
+    config = tiny_experiment(
+        shapes_records,
+        shapes_dir,
+        image_size=128,
+        model_overrides={},  # full width: the checkpoint's backbone
+        train_steps=12,
+        steps_per_loop=4,
+        checkpoint_every=12,
+        init_checkpoint=prefix,
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    assert trainer.restore() == 0
+    for ours, theirs in zip(
+        trainer.model.backbone.weights, converted.backbone.weights, strict=True
+    ):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    head = {w.path: w.numpy() for w in converted.head.weights}
+    for w in trainer.model.head.weights:
+        if w.path.startswith("head/classifier/"):  # 9 anchors x 91 classes -> 9 x 5: fresh
+            assert w.shape != head[w.path].shape
+        else:
+            np.testing.assert_array_equal(w.numpy(), head[w.path])
+    trainer.train()
+    losses = [h["total_loss"] for h in trainer.history]
+    assert len(losses) == 3 and losses[-1] < losses[0]

@@ -141,7 +141,7 @@ def test_bad_checkpoints_and_missing_images_are_named(checkpoint, tmp_path):
 
 def test_restore_model_rejects_a_checkpoint_of_another_model(checkpoint):
     from spinenet_tf import build_retinanet
-    from spinenet_tf.training.trainer import restore_model
+    from spinenet_tf.training.checkpoints import restore_model
 
     other = build_retinanet("49S", 5, 64, **TINY, head_num_convs=2)
     with pytest.raises(ValueError, match="does not fit this model"):

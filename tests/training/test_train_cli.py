@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from spinenet_tf.tasks import RetinaNetTask
+from spinenet_tf.tasks import ClassificationTask, RetinaNetTask
 from spinenet_tf.training import gin_bindings
 from tests.conftest import HEAVY_MEMORY, tiny_experiment
 
@@ -145,15 +145,23 @@ def test_every_experiment_parses(experiment, runtime):
         config = gin_bindings.experiment_config()
     finally:
         gin.clear_config()
-    assert config.train_steps > 0 and config.image_size >= 128
-    assert isinstance(config.task, RetinaNetTask)
+    assert config.train_steps > 0 and config.image_size >= 96
+    if "classification" in experiment:
+        assert isinstance(config.task, ClassificationTask)
+    else:
+        assert isinstance(config.task, RetinaNetTask)
+    if experiment.endswith("_imagenet.gin"):  # tensorflow/tpu's recipe
+        assert (config.num_classes, config.image_size) == (1001, 224)
+        assert config.train.global_batch_size == 4096 and config.train_steps == 62557
+        assert config.optimizer.learning_rate * 4096 / 256 == pytest.approx(1.6)
+        assert config.optimizer.decay == "cosine" and config.optimizer.warmup_steps == 1564
     if "coco" in experiment:
         assert config.train.global_batch_size == 256
         assert config.train.scale_range == (0.5, 2.0)
         assert config.optimizer.learning_rate == 0.28
 
 
-def _tiny_experiment(experiment: str, shapes_records, runtime: str = "cpu.gin"):
+def _tiny_experiment(experiment: str, records, runtime: str = "cpu.gin"):
     import gin
 
     gin.clear_config()
@@ -173,14 +181,19 @@ def _tiny_experiment(experiment: str, shapes_records, runtime: str = "cpu.gin"):
     tiny = (
         {"filter_size_scale": 0.5, "endpoints_num_filters": 8}
         if mobile
-        else {"filter_size_scale": 0.25, "endpoints_num_filters": 16, "head_num_filters": 16}
+        else {"filter_size_scale": 0.25, "endpoints_num_filters": 16}
     )
+    if isinstance(config.task, RetinaNetTask):
+        tiny.update(
+            {"head_num_convs": 1} if mobile else {"head_num_convs": 1, "head_num_filters": 16}
+        )
     return dataclasses.replace(
         config,
         image_size=64,
-        model_overrides={**config.model_overrides, **tiny, "head_num_convs": 1},
+        num_classes=config.num_classes or 5,
+        model_overrides={**config.model_overrides, **tiny},
         train=dataclasses.replace(
-            config.train, source=shapes_records["train"], global_batch_size=2, shuffle_buffer=0
+            config.train, source=records["train"], global_batch_size=2, shuffle_buffer=0
         ),
         synthetic_data_dir="",
         train_steps=1,
@@ -195,16 +208,22 @@ def _xla_cases():
     cases = [pytest.param("quickstart.gin", "cpu.gin", id="quickstart", marks=heavy)]
     for path in sorted((ROOT / "gin_configs/experiments").glob("*_coco.gin")):
         cases.append(pytest.param(path.name, "tpu.gin", id=path.stem, marks=heavy))
+    for path in sorted((ROOT / "gin_configs/experiments").glob("classification_*.gin")):
+        cases.append(pytest.param(path.name, "tpu.gin", id=path.stem, marks=heavy))
     return cases
 
 
 @pytest.mark.parametrize("experiment, runtime", _xla_cases())
-def test_experiment_train_step_compiles_with_xla(experiment, runtime, shapes_records, tmp_path):
+def test_experiment_train_step_compiles_with_xla(
+    experiment, runtime, shapes_records, classification_data, tmp_path
+):
     """Every experiment's model, at tiny width and 64 px, takes an XLA-compiled training step
-    (the COCO experiments with the TPU runtime: mixed_bfloat16 and sync batch norm)."""
+    (the COCO and ImageNet experiments with the TPU runtime: mixed_bfloat16 and sync batch
+    norm)."""
     from spinenet_tf.training.trainer import Trainer
 
-    config = _tiny_experiment(experiment, shapes_records, runtime)
+    records = classification_data if "classification" in experiment else shapes_records
+    config = _tiny_experiment(experiment, records, runtime)
     trainer = Trainer(config, tmp_path / "xla")
     losses = trainer.train()
     assert trainer.step == 1 and np.isfinite(losses["total_loss"])

@@ -1,0 +1,191 @@
+"""The classification task end to end on the synthetic shapes classification data: input
+pipeline, training, whole-split top-1 / top-5, drawings, export served without Keras, and a
+detector started from the classifier's backbone."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from spinenet_tf.data import ops
+from spinenet_tf.data.dataset import make_dataset
+from spinenet_tf.data.decoders import CLASSIFICATION_DECODERS
+from spinenet_tf.data.parsers import classification_parser
+from spinenet_tf.serving.export import export_saved_model
+from spinenet_tf.tasks.classification import ClassificationTask
+from spinenet_tf.training.checkpoints import init_from_checkpoint
+from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
+from spinenet_tf.training.trainer import Trainer
+from tests.conftest import TINY
+
+NAMES = {1: "ellipse", 2: "rectangle", 3: "star", 4: "triangle"}
+NUM_VAL = 10
+
+
+@pytest.fixture
+def data(classification_data):
+    return classification_data
+
+
+def _config(data, **overrides):
+    base = dict(
+        task=ClassificationTask(),
+        model_id="49S",
+        num_classes=5,
+        image_size=48,
+        model_overrides=dict(TINY, max_level=5),
+        train=DataConfig(source=data["train"], global_batch_size=4),
+        # 10 images in batches of 4: the last batch holds 2 fillers, which must not count.
+        eval=DataConfig(source=data["val"], global_batch_size=4, annotation_file=data["label_map"]),
+        optimizer=OptimizerConfig(learning_rate=0.64, warmup_steps=2),
+        train_steps=4,
+        steps_per_loop=2,
+        checkpoint_every=4,
+        num_vis_images=3,
+        seed=1,
+    )
+    base.update(overrides)
+    return ExperimentConfig(**base)
+
+
+def test_pipeline_crops_resizes_and_marks_fillers(data):
+    parse = classification_parser(40, training=True)
+    ds = make_dataset(
+        data["train"], parse, 4, training=True, decoders=CLASSIFICATION_DECODERS, seed=0
+    )
+    images, labels = next(iter(ds))
+    assert images.shape == (4, 40, 40, 3) and images.dtype == tf.float32
+    assert set(labels) == {"label"} and set(labels["label"].numpy()) <= set(NAMES)
+    eval_ds = make_dataset(
+        data["val"],
+        classification_parser(40, training=False),
+        4,
+        training=False,
+        decoders=CLASSIFICATION_DECODERS,
+    )
+    ids = np.concatenate([g["source_id"].numpy() for _, g in eval_ds])
+    assert len(ids) == 12 and (ids >= 0).sum() == NUM_VAL and (ids[NUM_VAL:] == -1).all()
+
+
+def test_random_crop_falls_back_to_the_centre_crop():
+    image = tf.constant(np.random.default_rng(0).integers(0, 255, (30, 40, 3)), tf.uint8)
+    centre = ops.center_crop(image)  # int(0.875 * 30) = 26, offsets (2, 7)
+    np.testing.assert_array_equal(centre, image[2:28, 7:33])
+    # No window of all of the image's area with aspect 1/2 fits: the centre crop is taken.
+    fallback = ops.random_crop(image, tf.constant([1, 2]), (1.0, 1.0), (0.5, 0.5))
+    np.testing.assert_array_equal(fallback, centre)
+    crops = {ops.random_crop(image, tf.constant([s, 0])).shape for s in range(8)}
+    assert len(crops) > 1  # seeded, and the seed matters
+
+
+def test_legacy_bilinear_resize_has_no_half_pixel_centres():
+    row = tf.reshape(tf.range(4.0), (1, 4, 1))
+    up = ops.resize_bilinear_legacy(row, (1, 8))
+    # TF1: source x = dst * in / out, so 0, 0.5, 1, ... (TF2 would start at -0.25 -> 0).
+    np.testing.assert_allclose(up.numpy().ravel(), [0, 0.5, 1, 1.5, 2, 2.5, 3, 3])
+
+
+def test_a_label_outside_num_classes_is_named(data):
+    task = ClassificationTask()
+    config = _config(data, num_classes=3)  # labels go up to 4
+    model = task.build_model(config)
+    parse = task.parser(model, config, training=False)
+    decoded = {"image": tf.zeros([8, 8, 3], tf.uint8), "label": 4, "source_id": 17}
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"outside 0..2"):
+        parse(decoded)
+
+
+def test_train_evaluate_draw_export_and_detector_from_backbone(data, tmp_path):
+    config = _config(data)
+    trainer = Trainer(config, tmp_path / "run")
+    losses = trainer.train()
+    assert np.isfinite(losses["total_loss"]) and losses["reg_loss"] > 0
+    metrics = trainer.evaluate()
+    assert metrics["num_images"] == NUM_VAL  # the whole split, fillers masked
+    assert set(metrics) == {"top_1_accuracy", "top_5_accuracy", "num_images"}
+    assert 0.0 <= metrics["top_1_accuracy"] <= metrics["top_5_accuracy"] == 1.0  # 5 classes
+    written = json.loads((tmp_path / "run" / "eval_4.json").read_text())
+    assert written["top_1_accuracy"] == pytest.approx(metrics["top_1_accuracy"])
+    per_class = json.loads((tmp_path / "run" / "eval_4_per_class.json").read_text())
+    assert sum(v["images"] for v in per_class.values()) == NUM_VAL
+    sheet = tmp_path / "run" / "images" / "step4_sheet.png"
+    assert sheet.exists()
+    assert trainer.label_map == NAMES
+
+    # Served with TensorFlow alone: probabilities and top-5 ids and names.
+    export = export_saved_model(
+        trainer.model, str(tmp_path / "export"), label_map=NAMES, task=config.task
+    )
+    jpeg = sorted(tf.io.gfile.glob(data["images"]))[0]
+    script = tmp_path / "consumer.py"
+    script.write_text(CONSUMER)
+    result = subprocess.run(
+        [sys.executable, str(script), export, jpeg, str(tmp_path / "out.json")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads((tmp_path / "out.json").read_text())
+    assert served["imported"] == []
+    assert len(served["top_k_classes"]) == 5 and len(served["probabilities"]) == 5
+    assert served["top_k_class_names"][0] == NAMES.get(served["top_k_classes"][0], "")
+    pixels = tf.io.decode_jpeg(tf.io.read_file(jpeg)).numpy()
+    module = config.task.serving_module(trainer.model)
+    expected = module.from_image_tensor(pixels[None])
+    np.testing.assert_allclose(served["probabilities"], expected["probabilities"][0], atol=1e-5)
+    np.testing.assert_allclose(served["tensor_probabilities"], served["probabilities"], atol=1e-6)
+
+    # A detector starts from the classifier's backbone.
+    from spinenet_tf.tasks.retinanet import RetinaNetTask
+
+    detector_config = _config(
+        data,
+        task=RetinaNetTask(),
+        model_overrides=dict(TINY, max_level=5, head_num_filters=16, head_num_convs=1),
+    )
+    detector = RetinaNetTask().build_model(detector_config)
+    report = init_from_checkpoint(detector, str(tmp_path / "run"), scope="backbone")
+    for ours, theirs in zip(detector.backbone.weights, trainer.model.backbone.weights, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    assert len(report.loaded) == len(detector.backbone.weights)
+    assert all(p.startswith("head/") for p in report.fresh)
+    assert "left" in report.summary()
+
+    # A checkpoint of another backbone (another width: another model id) is refused.
+    other = RetinaNetTask().build_model(
+        _config(data, model_overrides=dict(TINY, max_level=5, filter_size_scale=0.5))
+    )
+    with pytest.raises(ValueError, match="does not hold this model's backbone"):
+        init_from_checkpoint(other, str(tmp_path / "run"))
+
+
+CONSUMER = """
+import importlib.abc, importlib.machinery, json, sys
+class Missing(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ImportError(f"No module named {spec.name!r} (blocked in this test)")
+    def exec_module(self, module):
+        pass
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("keras", "tf_keras", "spinenet_tf"):
+            return importlib.machinery.ModuleSpec(name, Missing())
+sys.meta_path.insert(0, Block())
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+data = open(sys.argv[2], "rb").read()
+out = {k: v.numpy()[0].tolist() for k, v in
+       model.signatures["image_bytes"](inputs=tf.constant([data])).items()}
+out["top_k_class_names"] = [n.decode() for n in out["top_k_class_names"]]
+pixels = tf.io.decode_jpeg(data)[None]
+out["tensor_probabilities"] = (
+    model.signatures["image_tensor"](inputs=pixels)["probabilities"].numpy()[0].tolist())
+out["imported"] = [m for m in sys.modules if m.split(".")[0] in ("keras", "spinenet_tf")]
+json.dump(out, open(sys.argv[3], "w"))
+"""
