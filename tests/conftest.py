@@ -42,6 +42,25 @@ HEAVY_MEMORY = pytest.mark.memory
 LARGE_IDS = ("143", "143L", "190")
 
 
+# The start of a script run as a consumer with TensorFlow only: keras, tf_keras and
+# spinenet_tf behave as if not installed (found without an origin, which TensorFlow's lazy
+# loaders treat as absent; importing fails).
+TENSORFLOW_ONLY = """
+import importlib.abc, importlib.machinery, sys
+BLOCKED = ("keras", "tf_keras", "spinenet_tf")
+class Missing(importlib.abc.Loader):
+    def create_module(self, spec):
+        raise ImportError(f"No module named {spec.name!r} (blocked in this test)")
+    def exec_module(self, module):
+        pass
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED:
+            return importlib.machinery.ModuleSpec(name, Missing())
+sys.meta_path.insert(0, Block())
+"""
+
+
 @pytest.fixture(autouse=True)
 def _float32_policy():
     """Every test starts and ends with the default dtype policy, and with every random

@@ -18,6 +18,7 @@ from keras import ops
 
 from spinenet_tf import specs as specs_lib
 from spinenet_tf.layers.common import nearest_upsample
+from spinenet_tf.models.base import BackboneAndHead, image_hw
 from spinenet_tf.models.spinenet import BACKBONE_ARGS, SpineNet, build_backbone
 
 AGGREGATIONS = ("all", "top")
@@ -113,7 +114,7 @@ def _hw(x):
 
 
 @keras.saving.register_keras_serializable(package="spinenet_tf")
-class Classifier(keras.Model):
+class Classifier(BackboneAndHead):
     """A SpineNet backbone and a `ClassificationHead` on a fixed input size.
 
     Calling the model returns logits [B, num_classes] (float32); `model.predict` returns
@@ -137,7 +138,7 @@ class Classifier(keras.Model):
     ):
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
-        image_size = _image_hw(image_size)
+        image_size = image_hw(image_size)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing {label_smoothing} must be in [0, 1)")
         config = {
@@ -163,7 +164,7 @@ class Classifier(keras.Model):
         self.image_size = image_size
         self.label_smoothing = float(label_smoothing)
         self.top_k = min(int(top_k), self.num_classes)
-        self._classifier_config = {**config, "image_size": list(image_size)}
+        self._model_config = {**config, "image_size": list(image_size)}
 
     def loss_from(self, labels, logits, sample_weight=None):
         """Per-example label-smoothed softmax cross-entropy of integer labels [B]."""
@@ -181,10 +182,7 @@ class Classifier(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if getattr(self, "_compile_loss", None) is not None:  # compiled with its own loss
             return super().compute_loss(x, y, y_pred, sample_weight, training)
-        loss = ops.mean(self.loss_from(y, y_pred, sample_weight))
-        if self.losses:  # weight decay from the kernel regularisers
-            loss = loss + ops.cast(ops.sum(self.losses), loss.dtype)
-        return loss
+        return self.with_weight_decay(ops.mean(self.loss_from(y, y_pred, sample_weight)))
 
     def classify(self, logits) -> dict:
         """Logits -> probabilities and the top-k classes with their probabilities."""
@@ -196,28 +194,8 @@ class Classifier(keras.Model):
             "top_k_scores": scores,
         }
 
-    def predict_step(self, data):
-        x = data[0] if isinstance(data, (tuple, list)) else data
-        return self.classify(self(x, training=False))
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            **self._classifier_config,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-
-def _image_hw(image_size) -> tuple[int, int]:
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"image_size {image_size!r} must be N or (height, width)")
-    return int(hw[0]), int(hw[1])
+    def postprocess(self, outputs):
+        return self.classify(outputs)
 
 
 WEIGHT_DECAY = 1e-4
@@ -266,6 +244,6 @@ def build_classifier(
     else:  # SpineNet-Mobile has no ImageNet recipe in either reference: its own activation
         backbone_args["activation"] = scaling.activation
     backbone_args.update(overrides)
-    image_size = _image_hw(image_size)
+    image_size = image_hw(image_size)
     backbone = build_backbone(scaling, input_shape=(*image_size, 3), **backbone_args)
     return Classifier(backbone, num_classes, image_size, name=name, **head_args)

@@ -9,6 +9,7 @@ import keras
 from keras import ops
 
 from spinenet_tf import specs as specs_lib
+from spinenet_tf.models.base import BackboneAndHead, image_hw
 from spinenet_tf.models.heads import RetinaNetHead
 from spinenet_tf.models.spinenet import BACKBONE_ARGS, SpineNet, build_backbone
 from spinenet_tf.ops.anchors import AnchorConfig
@@ -17,7 +18,7 @@ from spinenet_tf.ops.targets import AnchorLabeler, LossConfig, MatchingConfig, r
 
 
 @keras.saving.register_keras_serializable(package="spinenet_tf")
-class RetinaNet(keras.Model):
+class RetinaNet(BackboneAndHead):
     """A one-stage detector on a fixed input size (static shapes for XLA and TPUs).
 
     Calling the model returns raw outputs {"class_logits": [B, N, num_classes],
@@ -52,7 +53,7 @@ class RetinaNet(keras.Model):
     ):
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
-        image_size = _hw(image_size)
+        image_size = image_hw(image_size)
         anchor = _dataclass(
             AnchorConfig, anchor, min_level=backbone.min_level, max_level=backbone.max_level
         )
@@ -100,7 +101,7 @@ class RetinaNet(keras.Model):
         self.anchor_boxes = anchor.boxes(image_size)
         self.level_sizes = anchor.level_sizes(image_size)
         self.labeler = AnchorLabeler(self.anchor_boxes, matching)
-        self._retinanet_config = {
+        self._model_config = {
             **config,
             "image_size": list(image_size),
             "anchor": anchor.to_config(),
@@ -121,10 +122,7 @@ class RetinaNet(keras.Model):
         )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
-        loss = self.losses_from(y, y_pred)["total_loss"]
-        if self.losses:  # weight decay from the kernel regularisers
-            loss = loss + ops.cast(ops.sum(self.losses), loss.dtype)
-        return loss
+        return self.with_weight_decay(self.losses_from(y, y_pred)["total_loss"])
 
     def detect(self, outputs, valid_hw=None) -> dict:
         """Decodes raw outputs (of `self(images)`) into detections; `valid_hw` [B, 2] is the
@@ -139,28 +137,8 @@ class RetinaNet(keras.Model):
             valid_hw=valid_hw,
         )
 
-    def predict_step(self, data):
-        x = data[0] if isinstance(data, (tuple, list)) else data
-        return self.detect(self(x, training=False))
-
-    def get_config(self):
-        return {
-            "name": self.name,
-            "trainable": self.trainable,
-            "backbone": keras.saving.serialize_keras_object(self.backbone),
-            **self._retinanet_config,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-
-def _hw(image_size) -> tuple[int, int]:
-    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or min(hw) < 1:
-        raise ValueError(f"image_size {image_size!r} must be N or (height, width)")
-    return int(hw[0]), int(hw[1])
+    def postprocess(self, outputs):
+        return self.detect(outputs)
 
 
 def _dataclass(cls, value, **defaults):
@@ -211,7 +189,7 @@ def build_retinanet(
     if weight_decay:
         overrides.setdefault("kernel_regularizer", keras.regularizers.L2(weight_decay / 2))
     scaling = specs_lib.get_scaling(model_id)
-    image_size = _hw(image_size or specs_lib.PAPER_IMAGE_SIZES[scaling.model_id])
+    image_size = image_hw(image_size or specs_lib.PAPER_IMAGE_SIZES[scaling.model_id])
     head_args = {k: overrides.pop(k) for k in list(overrides) if k in _RETINANET_ARGS}
     name = overrides.pop("name", f"retinanet_{model_id.lower().replace('-', '_')}")
     unknown = sorted(set(overrides) - BACKBONE_ARGS)

@@ -160,6 +160,13 @@ def class_name_table(label_map: dict | None):
     )
 
 
+def real_rows(groundtruth: dict) -> list[tuple[int, int]]:
+    """(row, source id) of each real image of a gathered evaluation batch: make_dataset's
+    batch fillers have source id -1."""
+    ids = np.asarray(groundtruth["source_id"]).tolist()
+    return [(row, source_id) for row, source_id in enumerate(ids) if source_id >= 0]
+
+
 def unnormalize(images: np.ndarray) -> np.ndarray:
     """Network inputs (normalised by `ops.normalize_image`) back to uint8 pixels."""
     pixels = np.asarray(images, np.float32) * ops.STDDEV_RGB + ops.MEAN_RGB

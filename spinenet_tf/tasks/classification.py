@@ -17,7 +17,14 @@ from spinenet_tf.data import ops, shapes_classification
 from spinenet_tf.data.decoders import CLASSIFICATION_DECODERS
 from spinenet_tf.data.parsers import classification_parser
 from spinenet_tf.models.classifier import build_classifier
-from spinenet_tf.tasks.base import ImageServing, Task, class_name_table, model_settings, unnormalize
+from spinenet_tf.tasks.base import (
+    ImageServing,
+    Task,
+    class_name_table,
+    model_settings,
+    real_rows,
+    unnormalize,
+)
 from spinenet_tf.visualize import CLASSIFICATION_LEGEND, draw_classification
 
 
@@ -96,9 +103,7 @@ class ClassificationTask(Task):
     def draw(self, images, outputs, groundtruth, label_map=None):
         pixels = unnormalize(images)
         out = []
-        for i, source_id in enumerate(np.asarray(groundtruth["source_id"]).tolist()):
-            if source_id < 0:  # batch filler
-                continue
+        for i, source_id in real_rows(groundtruth):
             drawn = draw_classification(
                 pixels[i],
                 outputs["top_k_classes"][i],

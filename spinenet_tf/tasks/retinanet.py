@@ -19,6 +19,7 @@ from spinenet_tf.tasks.base import (
     Task,
     class_name_table,
     model_settings,
+    real_rows,
     unnormalize,
 )
 from spinenet_tf.visualize import DETECTION_LEGEND, draw_detections
@@ -81,9 +82,7 @@ class RetinaNetTask(Task):
     def draw(self, images, outputs, groundtruth, label_map=None):
         pixels = unnormalize(images)
         out = []
-        for i, source_id in enumerate(np.asarray(groundtruth["source_id"]).tolist()):
-            if source_id < 0:  # batch filler
-                continue
+        for i, source_id in real_rows(groundtruth):
             info = groundtruth["image_info"][i]
             h, w = scaled_image_hw(info).numpy().astype(int)
             one = {k: np.asarray(v[i]) for k, v in outputs.items()}

@@ -18,7 +18,7 @@ from spinenet_tf.data import shapes
 from spinenet_tf.data.parsers import detection_parser
 from spinenet_tf.ops.geometry import scaled_image_hw
 from spinenet_tf.serving.export import Detector, export_saved_model
-from tests.conftest import TINY, TINY_MOBILE, randomize_batch_norm_stats
+from tests.conftest import TENSORFLOW_ONLY, TINY, TINY_MOBILE, randomize_batch_norm_stats
 
 ROOT = Path(__file__).resolve().parents[2]
 LABELS = {1: "ellipse", 2: "rectangle", 3: "triangle", 4: "star"}
@@ -87,21 +87,9 @@ def _assert_matches(served: dict, row: int, reference: dict):
     assert [s.decode() for s in served["detection_class_names"][row]] == names
 
 
-# A consumer with TensorFlow only: keras, tf_keras and spinenet_tf behave as if not installed
-# (found without an origin, which TensorFlow's lazy loaders treat as absent; importing fails).
-CONSUMER = """
-import importlib.abc, importlib.machinery, sys
-BLOCKED = ("keras", "tf_keras", "spinenet_tf")
-class Missing(importlib.abc.Loader):
-    def create_module(self, spec):
-        raise ImportError(f"No module named {spec.name!r} (blocked in this test)")
-    def exec_module(self, module):
-        pass
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in BLOCKED:
-            return importlib.machinery.ModuleSpec(name, Missing())
-sys.meta_path.insert(0, Block())
+CONSUMER = (
+    TENSORFLOW_ONLY
+    + """
 import numpy as np, tensorflow as tf
 inputs = dict(np.load(sys.argv[2]))
 model = tf.saved_model.load(sys.argv[1])
@@ -121,6 +109,7 @@ blocked = [m for m in sys.modules if m.split(".")[0] in ("keras", "tf_keras", "s
 out["imported"] = np.array(",".join(blocked))
 np.savez(sys.argv[3], **out)
 """
+)
 
 
 def test_saved_model_serves_with_tensorflow_only_and_matches_the_model(

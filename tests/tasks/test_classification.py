@@ -20,7 +20,7 @@ from spinenet_tf.tasks.classification import ClassificationTask
 from spinenet_tf.training.checkpoints import init_from_checkpoint
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
 from spinenet_tf.training.trainer import Trainer
-from tests.conftest import TINY
+from tests.conftest import TENSORFLOW_ONLY, TINY
 
 NAMES = {1: "ellipse", 2: "rectangle", 3: "star", 4: "triangle"}
 NUM_VAL = 10
@@ -165,18 +165,10 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, tmp_path):
         init_from_checkpoint(other, str(tmp_path / "run"))
 
 
-CONSUMER = """
-import importlib.abc, importlib.machinery, json, sys
-class Missing(importlib.abc.Loader):
-    def create_module(self, spec):
-        raise ImportError(f"No module named {spec.name!r} (blocked in this test)")
-    def exec_module(self, module):
-        pass
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("keras", "tf_keras", "spinenet_tf"):
-            return importlib.machinery.ModuleSpec(name, Missing())
-sys.meta_path.insert(0, Block())
+CONSUMER = (
+    TENSORFLOW_ONLY
+    + """
+import json
 import tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
 data = open(sys.argv[2], "rb").read()
@@ -189,3 +181,4 @@ out["tensor_probabilities"] = (
 out["imported"] = [m for m in sys.modules if m.split(".")[0] in ("keras", "spinenet_tf")]
 json.dump(out, open(sys.argv[3], "w"))
 """
+)
