@@ -22,7 +22,7 @@ import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
 
-from spinenet_tf.data.label_map import resolve_num_classes  # noqa: E402
+from spinenet_tf.data.label_map import LabelMapError  # noqa: E402
 from spinenet_tf.training import gin_bindings  # noqa: E402
 from spinenet_tf.training.strategy import STRATEGIES, get_strategy  # noqa: E402
 from spinenet_tf.training.trainer import Trainer  # noqa: E402
@@ -98,12 +98,11 @@ def main(argv):
     except (ValueError, OSError, TypeError) as e:  # unknown bindings, missing files, bad values
         raise app.UsageError(f"gin configuration: {e}") from None
     config = prepare_synthetic_data(config)
-    try:  # before anything is built: category ids that do not fit num_classes
-        config = dataclasses.replace(config, num_classes=resolve_num_classes(config))
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
     strategy = get_strategy(FLAGS.strategy, FLAGS.tpu)
-    metrics = run(FLAGS.mode, FLAGS.model_dir, strategy, config)
+    try:  # the trainer checks the category ids against num_classes before building
+        metrics = run(FLAGS.mode, FLAGS.model_dir, strategy, config)
+    except LabelMapError as e:
+        raise app.UsageError(str(e)) from None
     print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), file=sys.stdout, flush=True)
     if FLAGS.mode in ("train", "train_and_eval"):
         print(next_steps(FLAGS.model_dir, FLAGS.gin_file, FLAGS.gin_param, config), flush=True)

@@ -105,15 +105,19 @@ class _TFRecordReader:
 
 
 def _tfrecord_elements(
-    patterns, decode: Callable, input_context, training, seed, read_options: dict
+    patterns,
+    reader: _TFRecordReader,
+    input_context,
+    training: bool,
+    seed,
+    cycle_length: int,
+    deterministic: bool,
 ) -> tf.data.Dataset:
-    """Decoded records of the matching files, for this input pipeline. read_options:
-    cycle_length, deterministic, skip_corrupt, counter."""
+    """The records of the matching files that `reader` decodes, for this input pipeline."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     files = sorted({f for p in patterns for f in tf.io.gfile.glob(p)})
     if not files:
         raise FileNotFoundError(f"no files match {patterns}")
-    reader = _TFRecordReader(decode, read_options["skip_corrupt"], read_options["counter"])
     files_ds = tf.data.Dataset.from_tensor_slices(
         (
             files,
@@ -133,9 +137,9 @@ def _tfrecord_elements(
         files_ds = files_ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     return files_ds.interleave(
         reader,
-        cycle_length=min(read_options["cycle_length"], len(files)),
+        cycle_length=min(cycle_length, len(files)),
         num_parallel_calls=AUTOTUNE,
-        deterministic=read_options["deterministic"],
+        deterministic=deterministic,
     )
 
 
@@ -214,14 +218,9 @@ def make_dataset(
     if isinstance(source, TFDSSource):
         elements = _tfds_elements(source, decoders.tfds, input_context, training)
     else:
-        read_options = dict(
-            cycle_length=cycle_length,
-            deterministic=deterministic,
-            skip_corrupt=skip_corrupt,
-            counter=skipped_counter,
-        )
+        reader = _TFRecordReader(decoders.example, skip_corrupt, skipped_counter)
         elements = _tfrecord_elements(
-            source, decoders.example, input_context, training, seed, read_options
+            source, reader, input_context, training, seed, cycle_length, deterministic
         )
     if cache:
         elements = elements.cache()

@@ -64,30 +64,40 @@ def label_map_for(config) -> dict[int, str]:
     return read_label_map(path) if path else {}
 
 
-def resolve_num_classes(config) -> int:
-    """config.num_classes, checked against the data's label map, or (when None) the label
-    map's largest category id + 1 (class 0 is background).
+class LabelMapError(ValueError):
+    """num_classes and the data's label map disagree, or neither gives the class count."""
 
-    Raises ValueError before anything is built when num_classes is too small for a category
-    id (naming the largest id, its name and the label map), or when it is None and the data
-    has no label map.
+
+def data_classes(config) -> tuple[int, dict[int, str]]:
+    """(num_classes, label map) of an ExperimentConfig, the label map read once: num_classes
+    is config.num_classes checked against the data's label map (`find_label_map`) or, when
+    None, the label map's largest category id + 1 (class 0 is background).
+
+    Raises LabelMapError before anything is built when num_classes is too small for a
+    category id (naming the largest id, its name and the label map), or when it is None and
+    the data has no label map.
     """
     path = find_label_map(config)
     names = read_label_map(path) if path else {}
     if config.num_classes is None:
         if not names:
-            raise ValueError(
+            raise LabelMapError(
                 "ExperimentConfig.num_classes is not set and the data has no label map "
                 "(PREFIX.label_map.json beside the records, or eval annotation_file): set "
                 "num_classes to the largest category id + 1"
             )
-        return max(names) + 1
+        return max(names) + 1, names
     if names and max(names) >= config.num_classes:
         largest = max(names)
-        raise ValueError(
+        raise LabelMapError(
             f"ExperimentConfig.num_classes = {config.num_classes} is too small: category id "
             f"{largest} ({names[largest]!r}) in {path} needs num_classes >= {largest + 1} "
             "(ids are used as they are; 0 is background); set it, or leave it unset to take "
             "it from the label map"
         )
-    return config.num_classes
+    return config.num_classes, names
+
+
+def resolve_num_classes(config) -> int:
+    """The class count of `data_classes`."""
+    return data_classes(config)[0]

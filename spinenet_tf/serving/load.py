@@ -6,7 +6,7 @@ import dataclasses
 
 import keras
 
-from spinenet_tf.data.label_map import label_map_for, read_label_map, resolve_num_classes
+from spinenet_tf.data.label_map import data_classes, read_label_map
 from spinenet_tf.training import gin_bindings
 from spinenet_tf.training.checkpoints import restore_model
 
@@ -29,12 +29,13 @@ def load_model(
     """
     gin_bindings.parse(gin_files, gin_params)
     config = gin_bindings.experiment_config()
-    config = dataclasses.replace(config, num_classes=resolve_num_classes(config))
+    num_classes, names = data_classes(config)
+    config = dataclasses.replace(config, num_classes=num_classes)
     keras.config.set_dtype_policy(dtype_policy)
     task = config.task
     # Serving runs one replica: plain batch norm (the variables are the same).
     model = task.build_model(dataclasses.replace(config, sync_batch_norm=False))
     restore_model(model, checkpoint)
     task.apply_serving_overrides(model, overrides or {})
-    label_map = read_label_map(label_map_path) if label_map_path else label_map_for(config)
+    label_map = read_label_map(label_map_path) if label_map_path else names
     return task, model, label_map

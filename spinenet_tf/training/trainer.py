@@ -8,7 +8,6 @@ optimizer built inside the strategy scope before the first step (keras-team/kera
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ import keras
 import tensorflow as tf
 
 from spinenet_tf.data.dataset import TFDSSource, make_dataset
-from spinenet_tf.data.label_map import label_map_for, resolve_num_classes
+from spinenet_tf.data.label_map import data_classes
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.checkpoints import by_path, init_from_checkpoint, model_variables
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
@@ -56,7 +55,9 @@ class Trainer:
     """
 
     def __init__(self, config: ExperimentConfig, model_dir: str, strategy=None):
-        config = dataclasses.replace(config, num_classes=resolve_num_classes(config))
+        # Class names of the experiment's data, for drawings ({} if it has none).
+        num_classes, self.label_map = data_classes(config)
+        config = dataclasses.replace(config, num_classes=num_classes)
         self.config = config
         self.model_dir = str(model_dir)
         self.strategy = strategy or tf.distribute.get_strategy()
@@ -334,11 +335,6 @@ class Trainer:
             if drawn:
                 self._write_drawings(drawn[: config.num_vis_images], step)
         return metrics
-
-    @functools.cached_property
-    def label_map(self) -> dict[int, str]:
-        """Class names of the experiment's data, for drawings ({} if it has none)."""
-        return label_map_for(self.config)
 
     def _write_drawings(self, drawn: list, step: int):
         """model_dir/images/step{N}_image{id}.png each, and step{N}_sheet.png: all in one."""
