@@ -9,10 +9,12 @@ detector's: COCO-format detections).
 Writes OUTPUT_DIR/<name>.png (each image as the task draws its prediction: detections for
 RetinaNet) and OUTPUT_DIR/detections.json (the task's records; RetinaNet: COCO results,
 category_id, bbox [x, y, w, h], score, category_name; each with image_id and file_name). A
-SavedModel is read as RetinaNet's; give --gin_file too for another task's export. Image ids
-come from --annotations (a COCO file listing the images) when given, else from numeric file
-names (COCO's 000000397133.jpg -> 397133; other names are numbered on from the largest), or,
-when numeric names repeat, from the image's position. Files that cannot be decoded are
+SavedModel is read as the task its export recorded (RetinaNet, classification: top classes
+drawn beneath the image, records of category_id, category_name, score); give --gin_file
+too for a task of one's own. Image ids come from --annotations (a COCO file listing the
+images) when given, else from numeric file names (COCO's 000000397133.jpg -> 397133; other
+names are numbered on from the largest), or, when numeric names repeat, from the image's
+position. Files that cannot be decoded are
 reported by name and skipped.
 """
 
@@ -32,6 +34,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 from spinenet_tf.data.label_map import read_label_map  # noqa: E402
 from spinenet_tf.serving import cli  # noqa: E402
+from spinenet_tf.tasks.classification import ClassificationTask  # noqa: E402
 from spinenet_tf.tasks.retinanet import RetinaNetTask  # noqa: E402
 from spinenet_tf.training import gin_bindings  # noqa: E402
 
@@ -81,9 +84,22 @@ def checkpoint_runner(flag_values):
     return (lambda encoded: fn(tf.constant(encoded))), label_map, task
 
 
-def saved_model_task(flag_values):
-    """The task a SavedModel's outputs are read with: the gin experiment's, else RetinaNet."""
+BUILT_IN_TASKS = {"RetinaNetTask": RetinaNetTask, "ClassificationTask": ClassificationTask}
+
+
+def saved_model_task(flag_values, path: str):
+    """The task a SavedModel's outputs are read with: the gin experiment's, else the one
+    its export recorded (a built-in task), else RetinaNet."""
     if not flag_values.gin_file:
+        recorded = os.path.join(path, "assets.extra", "task.json")
+        if tf.io.gfile.exists(recorded):
+            with tf.io.gfile.GFile(recorded) as f:
+                name = json.load(f).get("task")
+            if name not in BUILT_IN_TASKS:
+                raise app.UsageError(
+                    f"{path} was exported by task {name!r}: give its experiment's --gin_file"
+                )
+            return BUILT_IN_TASKS[name]()
         return RetinaNetTask()
     try:
         gin_bindings.parse(flag_values.gin_file, flag_values.gin_param)
@@ -178,14 +194,14 @@ def main(argv):
     ids = image_ids(files, FLAGS.annotations)
     if FLAGS.saved_model:
         run, label_map = saved_model_runner(FLAGS.saved_model)
-        task = saved_model_task(FLAGS)
+        task = saved_model_task(FLAGS, FLAGS.saved_model)
     else:
         run, label_map, task = checkpoint_runner(FLAGS)
     counts = predict(
         run, label_map, files, FLAGS.output_dir, FLAGS.score_threshold, ids, FLAGS.batch_size, task
     )
     print(
-        f"{counts['images']} images, {counts['detections']} detections with score >= "
+        f"{counts['images']} images, {counts['detections']} results with score >= "
         f"{FLAGS.score_threshold} -> {FLAGS.output_dir}; {counts['skipped']} unreadable "
         "files skipped",
         flush=True,

@@ -1,5 +1,5 @@
-"""SpineNet image classifiers (SpineNet paper Sec. 5.3, Table 7; tensorflow/tpu's
-classification model).
+"""SpineNet image classifiers: the SpineNet paper's ImageNet and iNaturalist models, as
+tensorflow/tpu's classification model builds them.
 
 The classifier is the detection backbone (P3-P7 endpoints, 256 wide; 512 for SpineNet-190)
 with tensorflow/tpu's `ClassificationHead`: starting from P7, each level is upsampled
@@ -199,8 +199,9 @@ class Classifier(BackboneAndHead):
 
 
 WEIGHT_DECAY = 1e-4
-# tensorflow/tpu's SpineNet ImageNet recipe ("best" rows of the paper's Table 7): swish,
-# stochastic depth 0.2, batch norm momentum 0.9 and epsilon 1e-5.
+# tensorflow/tpu's SpineNet ImageNet recipe (the paper's better results, with swish,
+# stochastic depth and label smoothing): swish, stochastic depth 0.2, batch norm momentum 0.9
+# and epsilon 1e-5.
 RECIPE_BACKBONE = {
     "activation": "swish",
     "init_stochastic_depth_rate": 0.2,

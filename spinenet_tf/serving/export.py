@@ -50,9 +50,12 @@ def export_saved_model(
         fn, spec = endpoints[name]
         archive.add_endpoint(name, fn, input_signature=[spec])
     archive.write_out(export_dir, verbose=False)
+    extra = os.path.join(export_dir, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    # Which task's outputs these are, for `predict` (to draw and record them).
+    with tf.io.gfile.GFile(os.path.join(extra, "task.json"), "w") as f:
+        json.dump({"task": type(task).__name__}, f)
     if label_map:
-        extra = os.path.join(export_dir, "assets.extra")
-        tf.io.gfile.makedirs(extra)
         names = {int(k): str(v) for k, v in label_map.items()}
         with tf.io.gfile.GFile(os.path.join(extra, "label_map.json"), "w") as f:
             json.dump({str(k): v for k, v in sorted(names.items())}, f, indent=1)

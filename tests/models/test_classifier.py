@@ -8,7 +8,7 @@ from spinenet_tf.tools.summary import count_multiply_adds, count_parameters
 from tests.conftest import LARGE_IDS, TINY
 
 # Trainable parameters with 1001 classes: the backbone (= Model Garden's) + C * 1001 + 1001,
-# C = 256 (512 for 190); the paper's Table 7: 22.1M / 36.5M / 60.5M / 127.1M.
+# C = 256 (512 for 190); the paper: 22.1M / 36.5M / 60.5M / 127.1M.
 PARAMS_1001 = {"49": 22_088_745, "96": 36_520_233, "143": 60_504_873, "190": 127_101_177}
 # Multiply-adds at 224 px (the paper: 3.5 / 5.7 / 9.1 / 19.1 B): our backbones' 640-1280 px
 # figures scaled by area. The profiler count (convolutions, batch norm, adds, activations)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,27 +100,37 @@ def test_a_label_outside_num_classes_is_named(data):
         parse(decoded)
 
 
-def test_train_evaluate_draw_export_and_detector_from_backbone(data, tmp_path):
-    config = _config(data)
-    trainer = Trainer(config, tmp_path / "run")
+@pytest.fixture(scope="module")
+def trained(classification_data, tmp_path_factory):
+    """A 4-step run of the tiny classifier, evaluated, and its export."""
+    root = tmp_path_factory.mktemp("cls_run")
+    config = _config(classification_data)
+    trainer = Trainer(config, root / "run")
     losses = trainer.train()
-    assert np.isfinite(losses["total_loss"]) and losses["reg_loss"] > 0
     metrics = trainer.evaluate()
+    export = export_saved_model(
+        trainer.model, str(root / "export"), label_map=NAMES, task=config.task
+    )
+    return trainer, losses, metrics, export
+
+
+def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tmp_path):
+    trainer, losses, metrics, export = trained
+    config = trainer.config
+    run = trainer.model_dir
+    assert np.isfinite(losses["total_loss"]) and losses["reg_loss"] > 0
     assert metrics["num_images"] == NUM_VAL  # the whole split, fillers masked
     assert set(metrics) == {"top_1_accuracy", "top_5_accuracy", "num_images"}
     assert 0.0 <= metrics["top_1_accuracy"] <= metrics["top_5_accuracy"] == 1.0  # 5 classes
-    written = json.loads((tmp_path / "run" / "eval_4.json").read_text())
+    written = json.loads((Path(run) / "eval_4.json").read_text())
     assert written["top_1_accuracy"] == pytest.approx(metrics["top_1_accuracy"])
-    per_class = json.loads((tmp_path / "run" / "eval_4_per_class.json").read_text())
+    per_class = json.loads((Path(run) / "eval_4_per_class.json").read_text())
     assert sum(v["images"] for v in per_class.values()) == NUM_VAL
-    sheet = tmp_path / "run" / "images" / "step4_sheet.png"
+    sheet = Path(run) / "images" / "step4_sheet.png"
     assert sheet.exists()
     assert trainer.label_map == NAMES
 
     # Served with TensorFlow alone: probabilities and top-5 ids and names.
-    export = export_saved_model(
-        trainer.model, str(tmp_path / "export"), label_map=NAMES, task=config.task
-    )
     jpeg = sorted(tf.io.gfile.glob(data["images"]))[0]
     script = tmp_path / "consumer.py"
     script.write_text(CONSUMER)
@@ -150,7 +161,7 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, tmp_path):
         model_overrides=dict(TINY, max_level=5, head_num_filters=16, head_num_convs=1),
     )
     detector = RetinaNetTask().build_model(detector_config)
-    report = init_from_checkpoint(detector, str(tmp_path / "run"), scope="backbone")
+    report = init_from_checkpoint(detector, run, scope="backbone")
     for ours, theirs in zip(detector.backbone.weights, trainer.model.backbone.weights, strict=True):
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
     assert len(report.loaded) == len(detector.backbone.weights)
@@ -162,7 +173,35 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, tmp_path):
         _config(data, model_overrides=dict(TINY, max_level=5, filter_size_scale=0.5))
     )
     with pytest.raises(ValueError, match="does not hold this model's backbone"):
-        init_from_checkpoint(other, str(tmp_path / "run"))
+        init_from_checkpoint(other, run)
+
+
+@pytest.mark.slow  # a subprocess loading TensorFlow
+def test_predict_command_draws_and_records_top_classes(data, trained, tmp_path):
+    export = trained[3]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "spinenet_tf.predict",
+            f"--saved_model={export}",
+            f"--images={data['images']}",
+            f"--output_dir={tmp_path / 'out'}",
+            "--score_threshold=0",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{NUM_VAL} images, {NUM_VAL * 5} results" in result.stdout
+    records = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert {r["category_name"] for r in records} == set(NAMES.values()) | {"0"}
+    drawn = sorted((tmp_path / "out").glob("*.png"))
+    assert len(drawn) == NUM_VAL
+    from PIL import Image
+
+    with Image.open(drawn[0]) as image:  # enlarged to 512 px, the classes listed beneath
+        assert image.width >= 512 or image.height > 512 + 5 * 12
 
 
 CONSUMER = (
