@@ -138,15 +138,15 @@ def decode_tfds_classification(example: dict) -> dict:
 
     TFDS numbers classes from 0; they become 1.. here, as tensorflow/tpu's ImageNet records
     number them (class 0 unused: ImageNet has num_classes 1001). The source id is a hash of
-    the file name (0 without one).
+    the file name or example id (0 without either).
     """
     image = tf.convert_to_tensor(example["image"])
     if image.shape.rank == 3 and image.shape[-1] == 1:
         image = tf.image.grayscale_to_rgb(image)
-    file_name = example.get("file_name")
+    name = example.get("file_name", example.get("id"))  # imagenet2012; i_naturalist2017
     source_id = (
-        tf.strings.to_hash_bucket_fast(file_name, 2**62)
-        if file_name is not None
+        tf.strings.to_hash_bucket_fast(name, 2**62)
+        if name is not None and name.dtype == tf.string
         else tf.constant(0, tf.int64)
     )
     return {

@@ -356,6 +356,33 @@ def test_tfds_source_with_mock_data():
     np.testing.assert_array_equal(gt["is_crowd"][:, 1], [True, False, False, False])
 
 
+@pytest.mark.parametrize("name", ["imagenet2012", "i_naturalist2017"])
+def test_tfds_classification_with_mock_data(name):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from spinenet_tf.data.decoders import CLASSIFICATION_DECODERS
+    from spinenet_tf.data.parsers import classification_parser
+
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+        builder = tfds.builder(name)
+        num_classes = builder.info.features["label"].num_classes
+        ds = make_dataset(
+            TFDSSource(name, "validation"),
+            classification_parser(32, training=False),
+            4,
+            training=False,
+            decoders=CLASSIFICATION_DECODERS,
+        )
+        batches = _batches(ds)
+    images = np.concatenate([b[0] for b in batches])
+    labels = np.concatenate([b[1]["label"] for b in batches])
+    ids = np.concatenate([b[1]["source_id"] for b in batches])
+    assert images.shape == (8, 32, 32, 3) and (ids >= 0).sum() == 5
+    # TFDS numbers classes 0..K-1; they become 1..K (ImageNet: 1-1000, num_classes 1001).
+    assert num_classes == {"imagenet2012": 1000, "i_naturalist2017": 5089}[name]
+    assert ((labels >= 1) & (labels <= num_classes)).all()
+    assert len(set(ids[ids >= 0])) == 5  # a hash of the file name or example id
+
+
 def test_model_fit_on_make_dataset(shapes_records):
     """The notebook path: model.compile + model.fit on a make_dataset pipeline."""
     import keras
