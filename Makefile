@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart test test-slow lint benchmark clean
+.PHONY: setup quickstart quickstart-classification test test-slow lint benchmark clean
 
 $(RUN_STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ setup: $(STAMP)
 quickstart: $(RUN_STAMP)
 	$(PY) -m spinenet_tf.train --gin_file=gin_configs/experiments/quickstart.gin \
 		--model_dir=runs/quickstart --mode=train_and_eval
+
+# The classifier's: synthetic shapes classification data, train, evaluate; prints top-1.
+quickstart-classification: $(RUN_STAMP)
+	$(PY) -m spinenet_tf.train --gin_file=gin_configs/experiments/quickstart_classification.gin \
+		--model_dir=runs/quickstart_classification --mode=train_and_eval
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -48,4 +53,4 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/serving.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes
+	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes data/shapes_classification

@@ -3,6 +3,7 @@ pipeline, training, whole-split top-1 / top-5, drawings, export served without K
 detector started from the classifier's backbone."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def trained(classification_data, tmp_path_factory):
     return trainer, losses, metrics, export
 
 
-def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tmp_path):
+def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tmp_path, caplog):
     trainer, losses, metrics, export = trained
     config = trainer.config
     run = trainer.model_dir
@@ -152,21 +153,28 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tm
     np.testing.assert_allclose(served["probabilities"], expected["probabilities"][0], atol=1e-5)
     np.testing.assert_allclose(served["tensor_probabilities"], served["probabilities"], atol=1e-6)
 
-    # A detector starts from the classifier's backbone.
+    # A detector starts from the classifier's backbone: ExperimentConfig.init_checkpoint.
     from spinenet_tf.tasks.retinanet import RetinaNetTask
 
     detector_config = _config(
         data,
         task=RetinaNetTask(),
         model_overrides=dict(TINY, max_level=5, head_num_filters=16, head_num_convs=1),
+        init_checkpoint=run,
+        init_scope="backbone",
     )
-    detector = RetinaNetTask().build_model(detector_config)
-    report = init_from_checkpoint(detector, run, scope="backbone")
-    for ours, theirs in zip(detector.backbone.weights, trainer.model.backbone.weights, strict=True):
+    detector = Trainer(detector_config, tmp_path / "detector")
+    with caplog.at_level(logging.INFO, logger="spinenet_tf"):
+        assert detector.restore() == 0
+    pairs = zip(detector.model.backbone.weights, trainer.model.backbone.weights, strict=True)
+    for ours, theirs in pairs:
         np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
-    assert len(report.loaded) == len(detector.backbone.weights)
-    assert all(p.startswith("head/") for p in report.fresh)
-    assert "left" in report.summary()
+    summary = caplog.text
+    n = len(detector.model.backbone.weights)
+    assert f"loaded {n} variables, left " in summary
+    assert "fresh: head/" in summary and "init scope 'backbone'" in summary
+    report = init_from_checkpoint(detector.model, run, scope="backbone")
+    assert len(report.loaded) == n and all(p.startswith("head/") for p in report.fresh)
 
     # A checkpoint of another backbone (another width: another model id) is refused.
     other = RetinaNetTask().build_model(
