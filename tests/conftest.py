@@ -35,8 +35,8 @@ CUSTOM_SPECS = [
     (3, "residual", (3, 4), True),
     (5, "bottleneck", (2, 5), True),
 ]
-# Tests that hold 8-15 GB: `make test-slow` runs them after the others, alone and one at a
-# time in a fresh worker (two at once, or one on top of a worker's leftovers, exhausted 24 GiB).
+# Tests that hold 8-15 GB: `make test-slow` runs them after the others, alone, each in a
+# process of its own (two at once, or one on top of a worker's leftovers, exhausted 24 GiB).
 HEAVY_MEMORY = pytest.mark.memory
 # Full-size builds of these take 15-20 s each: their sweeps run in the slow suite.
 LARGE_IDS = ("143", "143L", "190")

@@ -6,9 +6,9 @@
 ROOT holds one sub-folder per class (ROOT/<class name>/<images>, sub-folders of a class
 folder included), the layout of Keras' image_dataset_from_directory and torchvision's
 ImageFolder. The records follow tensorflow/tpu's ImageNet converter and Model Garden's
-classification decoder: image/encoded (always JPEG: the training parser crops with
-tf.image.decode_and_crop_jpeg), image/class/label, image/class/text and the image's size,
-file name and source id. Class ids are 1..K over the sorted folder names (0 stays unused, as
+classification decoder: image/encoded (always JPEG: tensorflow/tpu's training parser crops
+with tf.image.decode_and_crop_jpeg), image/class/label, image/class/text and the image's
+size, file name and source id, in a fixed shuffled order. Class ids are 1..K over the sorted folder names (0 stays unused, as
 in tensorflow/tpu, where ImageNet has 1001 classes), or the ids of --label_map, so that a
 validation split gets the training split's ids. The label map is written to
 PREFIX.label_map.json. Folders are checked before the first shard is opened; shards are
@@ -26,6 +26,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 from tensorflow.core.example import example_pb2, feature_pb2
 
@@ -208,9 +209,15 @@ def convert(
     names = class_ids(classes, label_map)
     ids = {name: i for i, name in names.items()}
     files = [(f, name) for name in sorted(classes) for f in classes[name]]
+    # Written in a fixed shuffled order (as tensorflow/tpu's ImageNet converter does), so
+    # that any stretch of the records, e.g. the first evaluation batch drawn, mixes the
+    # classes; source ids stay the sorted positions.
+    order = np.random.default_rng(0).permutation(len(files))
     jobs = [
         (image_dir, f, ids[name], name, source_id, skip_bad_images)
-        for source_id, (f, name) in enumerate(files, start=1)
+        for source_id, (f, name) in sorted(
+            enumerate(files, start=1), key=lambda item: order[item[0] - 1]
+        )
     ]
     totals["classes"] = len(classes)
 

@@ -237,8 +237,10 @@ def resize_bilinear_legacy(image, output_size):
     tensorflow/tpu's classification input uses (TF2's tf.image.resize samples half-pixel
     centres). [H, W, C] or [B, H, W, C] -> float32 [..., *output_size, C]."""
     batch = image if image.shape.rank == 4 else image[None]
-    resized = tf.compat.v1.image.resize_bilinear(
-        batch, output_size, align_corners=False, half_pixel_centers=False
+    # The raw op: tf.compat.v1.image.resize_bilinear is the same kernel behind a deprecation
+    # warning printed on every trace.
+    resized = tf.raw_ops.ResizeBilinear(
+        images=batch, size=output_size, align_corners=False, half_pixel_centers=False
     )
     resized = resized if image.shape.rank == 4 else resized[0]
     return tf.ensure_shape(resized, [*image.shape[:-3], *output_size, image.shape[-1]])
