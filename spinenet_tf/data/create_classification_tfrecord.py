@@ -8,12 +8,12 @@ folder included), the layout of Keras' image_dataset_from_directory and torchvis
 ImageFolder. The records follow tensorflow/tpu's ImageNet converter and Model Garden's
 classification decoder: image/encoded (always JPEG: tensorflow/tpu's training parser crops
 with tf.image.decode_and_crop_jpeg), image/class/label, image/class/text and the image's
-size, file name and source id, in a fixed shuffled order. Class ids are 1..K over the sorted folder names (0 stays unused, as
-in tensorflow/tpu, where ImageNet has 1001 classes), or the ids of --label_map, so that a
-validation split gets the training split's ids. The label map is written to
-PREFIX.label_map.json. Folders are checked before the first shard is opened; shards are
-written under temporary names and renamed at the end, so a failure never leaves a
-half-written dataset.
+size, file name and source id, in a fixed shuffled order. Class ids are 1..K over the sorted
+folder names (0 stays unused, as in tensorflow/tpu, where ImageNet has 1001 classes), or the
+ids of --label_map, so that a validation split gets the training split's ids. The label map
+is written to PREFIX.label_map.json. Folders are checked before the first shard is opened;
+shards are written under temporary names and renamed at the end, so a failure never leaves
+a half-written dataset.
 """
 
 from __future__ import annotations

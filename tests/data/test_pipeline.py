@@ -388,9 +388,9 @@ def test_model_fit_on_make_dataset(shapes_records):
     import keras
 
     from spinenet_tf import build_retinanet
-    from tests.conftest import TINY
+    from tests.conftest import FIVE_BLOCKS, TINY
 
-    model = build_retinanet("49S", num_classes=5, image_size=64, **TINY, head_num_convs=1)
+    model = build_retinanet("49S", 5, 64, **TINY, **FIVE_BLOCKS, head_num_convs=1)
     parse = detection_parser(
         64, training=True, scale_range=(0.8, 1.25), targets_fn=model.labeler.targets
     )

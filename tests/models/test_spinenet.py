@@ -39,15 +39,15 @@ def test_all_variable_count_of_49_includes_batch_norm_statistics():
 
 
 @pytest.mark.parametrize("model_id, tiny", [("49S", TINY), ("mobile-49S", TINY_MOBILE)])
-@pytest.mark.parametrize("hw", [(224, 224), (512, 384), (333, 500), (129, 65)])
-def test_any_input_size_gives_ceil_level_sizes(model_id, tiny, hw):
-    model = spinenet_tf.build_backbone(model_id, **tiny)
-    out = model(np.zeros((1, *hw, 3), "float32"))
-    assert sorted(out) == ["P3", "P4", "P5", "P6", "P7"]
-    for level in range(3, 8):
-        stride = 2**level
-        expected = (1, -(-hw[0] // stride), -(-hw[1] // stride), tiny["endpoints_num_filters"])
-        assert tuple(out[f"P{level}"].shape) == expected
+def test_any_input_size_gives_ceil_level_sizes(model_id, tiny):
+    model = spinenet_tf.build_backbone(model_id, **tiny)  # one model, any size
+    for hw in [(224, 224), (512, 384), (333, 500), (129, 65)]:
+        out = model(np.zeros((1, *hw, 3), "float32"))
+        assert sorted(out) == ["P3", "P4", "P5", "P6", "P7"]
+        for level in range(3, 8):
+            stride = 2**level
+            expected = (1, -(-hw[0] // stride), -(-hw[1] // stride), tiny["endpoints_num_filters"])
+            assert tuple(out[f"P{level}"].shape) == expected, (hw, level)
 
 
 def test_static_input_shape_is_reflected_in_outputs():

@@ -22,7 +22,7 @@ from spinenet_tf.tasks.classification import ClassificationTask
 from spinenet_tf.training.checkpoints import init_from_checkpoint
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
 from spinenet_tf.training.trainer import Trainer
-from tests.conftest import TENSORFLOW_ONLY, TINY
+from tests.conftest import FIVE_BLOCKS, TENSORFLOW_ONLY, TINY
 
 NAMES = {1: "ellipse", 2: "rectangle", 3: "star", 4: "triangle"}
 NUM_VAL = 10
@@ -39,7 +39,7 @@ def _config(data, **overrides):
         model_id="49S",
         num_classes=5,
         image_size=48,
-        model_overrides=dict(TINY, max_level=5),
+        model_overrides=dict(TINY, **FIVE_BLOCKS),
         train=DataConfig(source=data["train"], global_batch_size=4),
         # 10 images in batches of 4: the last batch holds 2 fillers, which must not count.
         eval=DataConfig(source=data["val"], global_batch_size=4, annotation_file=data["label_map"]),
@@ -159,7 +159,7 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tm
     detector_config = _config(
         data,
         task=RetinaNetTask(),
-        model_overrides=dict(TINY, max_level=5, head_num_filters=16, head_num_convs=1),
+        model_overrides=dict(TINY, **FIVE_BLOCKS, head_num_filters=16, head_num_convs=1),
         init_checkpoint=run,
         init_scope="backbone",
     )
@@ -178,7 +178,7 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tm
 
     # A checkpoint of another backbone (another width: another model id) is refused.
     other = RetinaNetTask().build_model(
-        _config(data, model_overrides=dict(TINY, max_level=5, filter_size_scale=0.5))
+        _config(data, model_overrides=dict(TINY, **FIVE_BLOCKS, filter_size_scale=0.5))
     )
     with pytest.raises(ValueError, match="does not hold this model's backbone"):
         init_from_checkpoint(other, run)
