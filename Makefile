@@ -47,8 +47,8 @@ test-slow: $(STAMP)
 	test $$light -eq 0 && test -z "$$failed"
 
 lint: $(STAMP)
-	$(PY) -m ruff check spinenet_tf tests benchmarks
-	$(PY) -m ruff format --check spinenet_tf tests benchmarks
+	$(PY) -m ruff check spinenet_tf tests benchmarks examples
+	$(PY) -m ruff format --check spinenet_tf tests benchmarks examples
 
 benchmark: $(STAMP)
 	$(PY) benchmarks/backbone.py

@@ -142,22 +142,25 @@ def draw_classification(
     """Returns a PIL image of `image` (enlarged to at least min_size on the long side) above
     a panel listing the top classes ([k] ids, best first) with their probabilities, and the
     true class when `label` is given (green where a listed class is it, red for a wrong
-    first guess)."""
+    first guess). With a label map, ids it does not name (index 0 of a 1001-way ImageNet
+    classifier, which no image has) are left off the list."""
     canvas, _ = _canvas(image, min_size)
     label_map = label_map or {}
+    top = [(int(c), float(s)) for c, s in zip(np.asarray(classes), np.asarray(scores), strict=True)]
+    if label_map:
+        top = [(c, s) for c, s in top if c in label_map]
     font = _font(max(12, round(max(canvas.size) / 32)))
     line_h = font.getbbox("Ag")[3] + 6
     lines = []
     if label is not None:
         lines.append((f"truth: {label_map.get(int(label), str(int(label)))}", (230, 230, 230)))
-    for rank, (cls, score) in enumerate(zip(np.asarray(classes), np.asarray(scores), strict=True)):
+    for rank, (cls, score) in enumerate(top):
         colour = (230, 230, 230)
-        if label is not None and int(cls) == int(label):
+        if label is not None and cls == int(label):
             colour = CORRECT_COLOUR
         elif label is not None and rank == 0:
             colour = WRONG_COLOUR
-        name = label_map.get(int(cls), str(int(cls)))
-        lines.append((f"{rank + 1}. {name}  {float(score):.2f}", colour))
+        lines.append((f"{rank + 1}. {label_map.get(cls, str(cls))}  {score:.2f}", colour))
     out = Image.new("RGB", (canvas.width, canvas.height + line_h * len(lines) + 8), (32, 32, 32))
     out.paste(canvas, (0, 0))
     draw = ImageDraw.Draw(out)

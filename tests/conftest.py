@@ -43,6 +43,9 @@ LARGE_IDS = ("143", "143L", "190")
 # A tiny model's levels and blocks for tests that train, export or fit: five blocks trace in
 # a third of the time of 49S's fifteen, and every level of the list is an output.
 FIVE_BLOCKS = dict(block_specs=CUSTOM_SPECS, min_level=3, max_level=5)
+# The tiny detector of the tests that train, fit or export RetinaNet: five blocks, a
+# one-conv head of 16 filters.
+TINY_DETECTOR = dict(TINY, head_num_filters=16, head_num_convs=1, **FIVE_BLOCKS)
 
 
 # The start of a script run as a consumer with TensorFlow only: keras, tf_keras and
@@ -179,12 +182,7 @@ def tiny_experiment(records, shapes_dir, **overrides):
         model_id="49S",
         num_classes=5,
         image_size=64,
-        model_overrides=dict(
-            TINY,
-            head_num_filters=16,
-            head_num_convs=1,
-            **FIVE_BLOCKS,
-        ),
+        model_overrides=TINY_DETECTOR,
         train=DataConfig(source=records["train"], global_batch_size=4, scale_range=(0.8, 1.2)),
         eval=DataConfig(
             source=records["val"],
@@ -213,12 +211,7 @@ def replica_invariance_config(train_pattern: str):
         model_id="49S",
         num_classes=5,
         image_size=256,
-        model_overrides=dict(
-            TINY,
-            head_num_filters=16,
-            head_num_convs=1,
-            **FIVE_BLOCKS,
-        ),
+        model_overrides=TINY_DETECTOR,
         train=DataConfig(source=train_pattern, global_batch_size=4, shuffle_buffer=0),
         optimizer=OptimizerConfig(learning_rate=0.064, warmup_steps=4, global_clipnorm=0.5),
         train_steps=10,

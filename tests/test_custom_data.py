@@ -16,9 +16,7 @@ from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.serving.load import load_model
 from spinenet_tf.training import gin_bindings
 from spinenet_tf.training.trainer import Trainer
-from tests.conftest import FIVE_BLOCKS, TINY
-
-TINY_HEAD = dict(head_num_filters=16, head_num_convs=1)
+from tests.conftest import TINY_DETECTOR
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = {1: 5, 2: 12, 3: 40}  # shapes' ellipse, rectangle, triangle; stars left out
@@ -64,7 +62,7 @@ def _config(my_data, *params):
         f"VAL_ANNOTATIONS = '{my_data['val_annotations']}'",
         # Tiny, for the test's sake: the README runs the experiment as it is.
         "ExperimentConfig.image_size = 64",
-        f"ExperimentConfig.model_overrides = {dict(TINY, **TINY_HEAD, **FIVE_BLOCKS)!r}",
+        f"ExperimentConfig.model_overrides = {TINY_DETECTOR!r}",
         "ExperimentConfig.train_steps = 2",
         "ExperimentConfig.steps_per_loop = 1",
         "ExperimentConfig.checkpoint_every = 2",

@@ -39,15 +39,20 @@ class DataConfig:
     annotation_file: str = ""
 
 
+OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
-    """SGD with momentum, linear warm-up and a decay.
+    """SGD with momentum (or Adam), linear warm-up and a decay.
 
     Attributes:
+        name: 'sgd' (with momentum: the papers' and the references') or 'adam' (Keras's
+            Adam, betas 0.9 / 0.999, epsilon 1e-7; weight decay stays the model's L2 loss).
         learning_rate: the rate for reference_batch_size images, scaled linearly with the
             global batch size (the paper: 0.28 at 256).
         reference_batch_size: the batch size learning_rate is given for.
-        momentum: SGD momentum.
+        momentum: SGD momentum (unused by Adam).
         warmup_steps: steps of linear warm-up from warmup_learning_rate.
         warmup_learning_rate: the rate at step 0 (scaled like learning_rate).
         decay: 'step' (multipliers at boundaries) or 'cosine' (to 0 at train_steps).
@@ -57,6 +62,7 @@ class OptimizerConfig:
     """
 
     learning_rate: float = 0.28
+    name: str = "sgd"
     reference_batch_size: int = 256
     momentum: float = 0.9
     warmup_steps: int = 2000
@@ -65,6 +71,10 @@ class OptimizerConfig:
     boundaries: tuple = (0.9, 0.97)
     multipliers: tuple = (0.1, 0.01)
     global_clipnorm: float | None = None
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"OptimizerConfig.name {self.name!r} is not one of {OPTIMIZERS}")
 
 
 @dataclasses.dataclass

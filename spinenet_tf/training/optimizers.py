@@ -1,4 +1,5 @@
-"""The optimizer: SGD with momentum whose gradient clipping sees the global gradient."""
+"""The optimizers: SGD with momentum (the papers') and Adam, whose gradient clipping sees the
+global gradient."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import keras
 import tensorflow as tf
 
 
-@keras.saving.register_keras_serializable(package="spinenet_tf")
-class SGD(keras.optimizers.SGD):
-    """keras.optimizers.SGD whose `global_clipnorm` clips the all-reduced gradient.
+class _ClipsGlobalGradient:
+    """Makes a Keras optimizer's `global_clipnorm` clip the all-reduced gradient.
 
     Keras 3 clips each replica's gradient before summing the replicas' gradients
     (keras/src/optimizers/base_optimizer.py clips, then the TF backend all-reduces), so a
@@ -39,6 +39,20 @@ class SGD(keras.optimizers.SGD):
             learning_rate,
         )
 
+    def get_config(self):
+        return {**super().get_config(), "global_clipnorm": self.global_clipnorm_after_reduce}
+
+
+@keras.saving.register_keras_serializable(package="spinenet_tf")
+class Adam(_ClipsGlobalGradient, keras.optimizers.Adam):
+    """keras.optimizers.Adam whose `global_clipnorm` clips the all-reduced gradient."""
+
+
+@keras.saving.register_keras_serializable(package="spinenet_tf")
+class SGD(_ClipsGlobalGradient, keras.optimizers.SGD):
+    """keras.optimizers.SGD whose `global_clipnorm` clips the all-reduced gradient, with
+    Keras's momentum update fused into one op per variable."""
+
     def update_step(self, gradient, variable, learning_rate):
         """Keras's momentum update (m = momentum * m - lr * g; w += m, or with Nesterov
         w += momentum * m - lr * g) as one fused TensorFlow op per variable (TPUs and XLA
@@ -55,9 +69,6 @@ class SGD(keras.optimizers.SGD):
             momentum=tf.cast(self.momentum, dtype),
             use_nesterov=self.nesterov,
         )
-
-    def get_config(self):
-        return {**super().get_config(), "global_clipnorm": self.global_clipnorm_after_reduce}
 
 
 def _tf_variable(variable):

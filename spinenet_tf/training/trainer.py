@@ -24,7 +24,7 @@ from spinenet_tf.data.label_map import data_classes
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.checkpoints import by_path, init_from_checkpoint, model_variables
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
-from spinenet_tf.training.optimizers import SGD
+from spinenet_tf.training.optimizers import SGD, Adam
 from spinenet_tf.training.schedules import WarmupSchedule
 from spinenet_tf.visualize import contact_sheet
 
@@ -106,7 +106,10 @@ class Trainer:
             c.boundaries,
             c.multipliers,
         )
-        optimizer = SGD(schedule, momentum=c.momentum, global_clipnorm=c.global_clipnorm)
+        if c.name == "adam":
+            optimizer = Adam(schedule, global_clipnorm=c.global_clipnorm)
+        else:
+            optimizer = SGD(schedule, momentum=c.momentum, global_clipnorm=c.global_clipnorm)
         if self.config.dtype_policy == "mixed_float16":
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
         return optimizer

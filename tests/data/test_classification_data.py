@@ -213,7 +213,14 @@ def test_shapes_classification_dataset(tmp_path):
     before = shards[0].read_bytes()
     shapes_classification.ensure_dataset(tmp_path / "a", **dict(sizes, seed=4))
     assert shards[0].read_bytes() != before
-    assert json.loads((tmp_path / "a" / "records" / "DONE").read_text())[3] == 4
+    done = tmp_path / "a" / "records" / "DONE"
+    assert json.loads(done.read_text())[:5] == [shapes_classification.VERSION, 16, 8, 48, 4]
+    # Data drawn by an older version of the generator is drawn again.
+    done.write_text(
+        json.dumps([shapes_classification.VERSION - 1, *json.loads(done.read_text())[1:]])
+    )
+    shapes_classification.ensure_dataset(tmp_path / "a", **dict(sizes, seed=4))
+    assert json.loads(done.read_text())[0] == shapes_classification.VERSION
 
 
 def test_generate_replaces_the_images_of_an_earlier_run(tmp_path):

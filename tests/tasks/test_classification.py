@@ -21,8 +21,9 @@ from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.tasks.classification import ClassificationTask
 from spinenet_tf.training.checkpoints import init_from_checkpoint
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
+from spinenet_tf.training.optimizers import Adam
 from spinenet_tf.training.trainer import Trainer
-from tests.conftest import FIVE_BLOCKS, TENSORFLOW_ONLY, TINY
+from tests.conftest import FIVE_BLOCKS, TENSORFLOW_ONLY, TINY, TINY_DETECTOR
 
 NAMES = {1: "ellipse", 2: "rectangle", 3: "star", 4: "triangle"}
 NUM_VAL = 10
@@ -43,7 +44,10 @@ def _config(data, **overrides):
         train=DataConfig(source=data["train"], global_batch_size=4),
         # 10 images in batches of 4: the last batch holds 2 fillers, which must not count.
         eval=DataConfig(source=data["val"], global_batch_size=4, annotation_file=data["label_map"]),
-        optimizer=OptimizerConfig(learning_rate=0.64, warmup_steps=2),
+        # The classification quickstart's optimizer (the detector tests train with SGD).
+        optimizer=OptimizerConfig(
+            name="adam", learning_rate=0.001, reference_batch_size=4, warmup_steps=2
+        ),
         train_steps=4,
         steps_per_loop=2,
         checkpoint_every=4,
@@ -120,6 +124,7 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tm
     config = trainer.config
     run = trainer.model_dir
     assert np.isfinite(losses["total_loss"]) and losses["reg_loss"] > 0
+    assert isinstance(trainer.optimizer, Adam) and trainer.optimizer.iterations == 4
     assert metrics["num_images"] == NUM_VAL  # the whole split, fillers masked
     assert set(metrics) == {"top_1_accuracy", "top_5_accuracy", "num_images"}
     assert 0.0 <= metrics["top_1_accuracy"] <= metrics["top_5_accuracy"] == 1.0  # 5 classes
@@ -159,7 +164,7 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tm
     detector_config = _config(
         data,
         task=RetinaNetTask(),
-        model_overrides=dict(TINY, **FIVE_BLOCKS, head_num_filters=16, head_num_convs=1),
+        model_overrides=TINY_DETECTOR,
         init_checkpoint=run,
         init_scope="backbone",
     )
@@ -229,3 +234,15 @@ out["imported"] = [m for m in sys.modules if m.split(".")[0] in ("keras", "spine
 json.dump(out, open(sys.argv[3], "w"))
 """
 )
+
+
+def test_drawn_top_classes_leave_out_ids_the_label_map_does_not_name():
+    from spinenet_tf.visualize import draw_classification
+
+    image = np.zeros((32, 32, 3), np.uint8)
+    classes, scores = np.array([2, 0, 1]), np.array([0.7, 0.2, 0.1])
+    named = draw_classification(image, classes, scores, {1: "ellipse", 2: "rectangle"})
+    unnamed = draw_classification(image, classes, scores)
+    one_line = draw_classification(image, classes[:1], scores[:1])
+    line = unnamed.height - one_line.height
+    assert line > 0 and named.height == unnamed.height - line // 2  # 2 lines, not 3
