@@ -1,0 +1,339 @@
+"""TFLite export: raw outputs and detections against the Keras model, float16, dynamic-range
+and int8 quantisation, builtins only (no Flex), the sidecar contract, bad arguments."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from spinenet_tf import build_retinanet
+from spinenet_tf.ops.boxes import BBOX_XFORM_CLIP
+from spinenet_tf.serving import tflite
+from tests.conftest import CUSTOM_SPECS, randomize_batch_norm_stats, relative_max_diff
+
+LABELS = {1: "ellipse", 2: "rectangle", 3: "triangle", 4: "star"}
+SIZE = 64
+# SpineNet-Mobile's blocks (MBConv, squeeze-excite, swish) in the five-block list of the
+# other tiny tests: it converts in a third of the time of the full 49XS.
+MOBILE_FIVE_BLOCKS = dict(
+    block_specs=[(level, "mbconv", parents, out) for level, _, parents, out in CUSTOM_SPECS],
+    min_level=3,
+    max_level=5,
+)
+TINY_HEAD = dict(
+    filter_size_scale=0.25, endpoints_num_filters=16, head_num_filters=16, head_num_convs=1
+)
+
+
+def _tiny_mobile(seed=0, **overrides):
+    model = build_retinanet("mobile-49XS", 5, SIZE, **TINY_HEAD, **MOBILE_FIVE_BLOCKS, **overrides)
+    rng = np.random.default_rng(seed)
+    randomize_batch_norm_stats(model, rng)
+    # A decisive classifier: scores spread over (0, 1), so detections are not decided by
+    # 1e-6 differences between near-equal scores of a fresh head (all near 0.01).
+    for v in model.head.classifier.weights:
+        scale = 2.0 if "bias" in v.path else 8.0
+        v.assign(v.numpy() * (0 if "bias" in v.path else scale))
+        if "bias" in v.path:
+            v.assign(rng.normal(-1.0, scale, v.shape).astype("float32"))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_mobile()
+
+
+@pytest.fixture(scope="module")
+def images():
+    """Two normalised images: noise and a smooth gradient with a block."""
+    rng = np.random.default_rng(1)
+    noise = rng.normal(0, 1, (SIZE, SIZE, 3)).astype(np.float32)
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    smooth = np.stack([np.sin(6 * x), np.cos(5 * y), x * y], -1).astype(np.float32)
+    smooth[10:40, 20:50] = [1.5, -1.0, 0.5]
+    return np.stack([noise, smooth])
+
+
+class _Conversions(dict):
+    """Float32 conversions of the module's model, each made once, on first use."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, mode):
+        self[mode] = tflite.convert(self.model, postprocess=mode)
+        return self[mode]
+
+
+@pytest.fixture(scope="module")
+def converted(model):
+    return _Conversions(model)
+
+
+def _calibration_images(n: int, seed: int) -> np.ndarray:
+    """Normalised images that differ in brightness and pattern. Noise alone has the same
+    global mean in every image, so a squeeze-excite conv's output range collapses to a
+    point (scale 8e-9) and XNNPACK (ai-edge-litert 2.3.0) aborts with a double free on the
+    requantisation scale of 1,000 that follows."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    out = []
+    for _ in range(n):
+        freq = rng.uniform(1, 8, (3, 2))
+        pattern = np.stack([np.sin(f[0] * x + f[1] * y) for f in freq], -1)
+        image = rng.normal(0, 0.7, 3) + pattern + rng.normal(0, 0.3, (SIZE, SIZE, 3))
+        out.append(image.astype(np.float32))
+    return np.stack(out)
+
+
+def _run(data: bytes, image: np.ndarray) -> dict:
+    runner = tflite.make_interpreter(model_content=data).get_signature_runner()
+    return runner(**{tflite.INPUT_NAME: image[None]})
+
+
+def _keras_levels(model, image) -> dict:
+    """The Keras model's raw outputs, split per level as the export names them."""
+    out = model(image[None], training=False)
+    split, start = {}, 0
+    for level, size in zip(model.anchor_config.levels, model.level_sizes, strict=True):
+        split[f"class_logits_P{level}"] = out["class_logits"][:, start : start + size].numpy()
+        split[f"box_deltas_P{level}"] = out["box_deltas"][:, start : start + size].numpy()
+        start += size
+    return split
+
+
+def _cosine(a, b) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_float32_raw_outputs_equal_the_keras_model(model, converted, images):
+    details = tflite.make_interpreter(model_content=converted["raw"]).get_signature_runner()
+    spec = details.get_input_details()[tflite.INPUT_NAME]
+    assert list(spec["shape"]) == [1, SIZE, SIZE, 3] and spec["dtype"] == np.float32
+    for image in images:
+        served, keras_out = _run(converted["raw"], image), _keras_levels(model, image)
+        assert sorted(served) == sorted(keras_out)
+        for name, expected in keras_out.items():
+            assert served[name].shape == expected.shape, name
+            assert relative_max_diff(served[name], expected) < 1e-4, name
+
+
+def _reference_nms(model, image, post: tflite.PostProcessing, clip_before_nms: bool) -> dict:
+    """Class-agnostic greedy NMS over each anchor's best class, in NumPy on the Keras
+    model's outputs: what both exported variants compute."""
+    out = model(image[None], training=False)
+    logits = out["class_logits"].numpy()[0].astype(np.float64)
+    deltas = out["box_deltas"].numpy()[0].astype(np.float64)
+    scores = 1 / (1 + np.exp(-logits[:, 1:]))
+    best, classes = scores.max(-1), scores.argmax(-1) + 1
+    yc, xc, ha, wa = tflite.center_size_anchors(model).astype(np.float64).T
+    dh, dw = (np.minimum(deltas[:, i], BBOX_XFORM_CLIP) for i in (2, 3))
+    cy, cx = deltas[:, 0] * ha + yc, deltas[:, 1] * wa + xc
+    h, w = np.exp(dh) * ha, np.exp(dw) * wa
+    boxes = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], -1)
+    if clip_before_nms:
+        boxes = np.clip(boxes, 0, 1)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    live = best > post.score_threshold
+    kept = []
+    for i in np.argsort(-best, kind="stable"):
+        if not live[i] or len(kept) == post.max_detections:
+            continue
+        kept.append(i)
+        inter = np.clip(
+            np.minimum(boxes[:, 2:], boxes[i, 2:]) - np.maximum(boxes[:, :2], boxes[i, :2]),
+            0,
+            None,
+        ).prod(-1)
+        live &= inter / (area + area[i] - inter) <= post.iou_threshold
+    return {
+        "boxes": np.clip(boxes[kept], 0, 1),
+        "scores": best[kept],
+        "classes": classes[kept],
+    }
+
+
+@pytest.mark.parametrize("mode", ["custom_op", "builtin"])
+def test_float32_detections_equal_class_agnostic_nms_on_the_keras_outputs(
+    model, converted, images, mode
+):
+    post = tflite._default_postprocessing(model, mode)
+    for image in images:
+        served = _run(converted[mode], image)
+        expected = _reference_nms(model, image, post, clip_before_nms=mode == "builtin")
+        n = len(expected["scores"])
+        assert n > 10
+        assert int(served["num_detections"][0]) == n
+        np.testing.assert_array_equal(served["detection_classes"][0, :n], expected["classes"])
+        np.testing.assert_allclose(served["detection_scores"][0, :n], expected["scores"], atol=1e-5)
+        np.testing.assert_allclose(served["detection_boxes"][0, :n], expected["boxes"], atol=1e-5)
+        # Rows past num_detections are zero, not what the op left in memory.
+        assert not served["detection_scores"][0, n:].any()
+        assert not served["detection_boxes"][0, n:].any()
+        assert not served["detection_classes"][0, n:].any()
+
+
+def _op_names(data: bytes) -> set:
+    interpreter = tflite.make_interpreter(model_content=data)
+    return {op["op_name"] for op in interpreter._get_ops_details()}
+
+
+def test_exports_hold_builtin_ops_only_checked_by_the_analyzer(converted, capfd):
+    for mode in tflite.POSTPROCESSING:
+        data = converted[mode]
+        capfd.readouterr()
+        tf.lite.experimental.Analyzer.analyze(model_content=data)
+        report = capfd.readouterr().out
+        assert "Subgraph#0" in report, report[:500]
+        assert "Flex" not in report, mode
+        expected_custom = {tflite.CUSTOM_OP} if mode == "custom_op" else set()
+        custom = {op for op in _op_names(data) if not op.isupper()}
+        assert custom == expected_custom, mode
+    assert "NON_MAX_SUPPRESSION_V5" in _op_names(converted["builtin"])
+
+
+@pytest.mark.parametrize("quantization", ["fp16", "dynamic"])
+def test_fp16_and_dynamic_range_raw_outputs_keep_cosine_above_0999(
+    model, converted, images, quantization
+):
+    data = tflite.convert(model, quantization, "raw")
+    assert _constant_bytes(data) < 0.8 * _constant_bytes(converted["raw"])
+    for image in images:
+        served, keras_out = _run(data, image), _keras_levels(model, image)
+        for name, expected in keras_out.items():
+            assert _cosine(served[name], expected) > 0.999, name
+
+
+def _tensor_types(data: bytes):
+    """(op name, input dtypes, output dtypes) of every op, and the tensor details."""
+    interpreter = tflite.make_interpreter(model_content=data)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = [
+        (
+            op["op_name"],
+            [np.dtype(tensors[i]["dtype"]).name for i in op["inputs"] if i >= 0],
+            [np.dtype(tensors[i]["dtype"]).name for i in op["outputs"]],
+        )
+        for op in interpreter._get_ops_details()
+    ]
+    return ops, list(tensors.values())
+
+
+def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(model, converted, images):
+    data = tflite.convert(
+        model, "int8", "custom_op", representative_dataset=_calibration_images(6, seed=2)
+    )
+    ops, tensors = _tensor_types(data)
+    convs = [op for op in ops if op[0] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert convs and all(inputs[0] == "int8" for _, inputs, _ in convs)
+    (custom,) = [op for op in ops if op[0] == tflite.CUSTOM_OP]
+    assert custom[1] == ["float32"] * 3 and custom[2] == ["float32"] * 4
+    # No collapsed calibration range (see MIN_CALIBRATED_RANGE).
+    scales = [t["quantization"][0] for t in tensors if t["dtype"] == np.int8]
+    assert min(s for s in scales if s > 0) >= tflite.MIN_CALIBRATED_RANGE / 256
+    # Constants (weights, anchors) shrink to a third; the rest of a file this small is the
+    # graph itself (names of 400 tensors).
+    assert _constant_bytes(data) < 0.4 * _constant_bytes(converted["custom_op"])
+    # The int8 model finds the float model's best detections: same class, box IoU > 0.8.
+    for image in images:
+        float_det, int8_det = _run(converted["custom_op"], image), _run(data, image)
+        n = int(int8_det["num_detections"][0])
+        assert n > 10
+        for i in range(5):
+            box = float_det["detection_boxes"][0, i]
+            same_class = (
+                int8_det["detection_classes"][0, :n] == float_det["detection_classes"][0, i]
+            )
+            ious = _iou(int8_det["detection_boxes"][0, :n][same_class], box)
+            assert ious.max(initial=0) > 0.8, i
+
+
+def _constant_bytes(data: bytes) -> int:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(data)
+    return sum(len(b.data) for b in model.buffers if b.data is not None)
+
+
+def _iou(boxes, box):
+    inter = np.clip(
+        np.minimum(boxes[:, 2:], box[2:]) - np.maximum(boxes[:, :2], box[:2]), 0, None
+    ).prod(-1)
+    area = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
+    return inter / (area + (box[2:] - box[:2]).prod() - inter)
+
+
+def test_int8_with_uint8_io_documents_its_quantisation(model, images, tmp_path):
+    path = tflite.export_tflite(
+        model,
+        str(tmp_path / "model.tflite"),
+        "int8",
+        "raw",
+        representative_dataset=lambda: iter(_calibration_images(6, seed=2)),
+        io_dtype="uint8",
+        label_map=LABELS,
+    )
+    contract = json.loads((tmp_path / "model.json").read_text())
+    quant = contract["input"]["quantization"]
+    assert contract["input"]["dtype"] == "uint8"
+    runner = tflite.make_interpreter(model_path=path).get_signature_runner()
+    assert runner.get_input_details()["image"]["dtype"] == np.uint8
+    for image in images:
+        q = np.clip(np.round(image / quant["scale"] + quant["zero_point"]), 0, 255)
+        served = runner(image=q.astype(np.uint8)[None])
+        for name, expected in _keras_levels(model, image).items():
+            assert served[name].dtype == np.uint8, name
+            out = contract["outputs"][name]["quantization"]
+            value = (served[name].astype(np.float32) - out["zero_point"]) * out["scale"]
+            assert _cosine(value, expected) > 0.99, name
+
+
+def test_sidecar_json_states_the_contract(model, tmp_path):
+    path = tflite.export_tflite(model, str(tmp_path / "m.tflite"), label_map=LABELS)
+    contract = json.loads((tmp_path / "m.json").read_text())
+    assert contract["input"]["shape"] == [1, SIZE, SIZE, 3]
+    assert contract["input"]["dtype"] == "float32" and "quantization" not in contract["input"]
+    assert contract["input"]["mean"] == pytest.approx([123.675, 116.28, 103.53])
+    assert contract["input"]["stddev"] == pytest.approx([58.395, 57.12, 57.375])
+    assert contract["label_map"] == {str(k): v for k, v in LABELS.items()}
+    assert sorted(contract["outputs"]) == sorted(tflite.DETECTION_OUTPUTS)
+    assert contract["outputs"]["detection_boxes"]["shape"] == [1, 100, 4]
+    assert contract["postprocess"]["mode"] == "custom_op"
+    assert contract["postprocess"]["score_threshold"] == pytest.approx(0.05)
+    assert contract["anchors"]["anchor_size"] == 3.0
+    assert tflite.sidecar_path(path) == str(tmp_path / "m.json")
+
+
+def test_a_mixed_precision_model_converts_in_float32(model, converted, images):
+    import keras
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    mixed = build_retinanet("mobile-49XS", 5, SIZE, **TINY_HEAD, **MOBILE_FIVE_BLOCKS)
+    keras.config.set_dtype_policy("float32")
+    mixed.set_weights(model.get_weights())
+    assert mixed.head.compute_dtype == "bfloat16"
+    served = _run(tflite.convert(mixed, postprocess="raw"), images[1])
+    for name, expected in _keras_levels(model, images[1]).items():
+        assert relative_max_diff(served[name], expected) < 1e-4, name
+    assert mixed.head.compute_dtype == "bfloat16"  # the caller's model is left as it was
+
+
+def test_bad_arguments_are_named(model):
+    with pytest.raises(ValueError, match="quantization 'int4'; expected one of"):
+        tflite.convert(model, "int4")
+    with pytest.raises(ValueError, match="postprocess 'nms'; expected one of"):
+        tflite.convert(model, postprocess="nms")
+    with pytest.raises(ValueError, match="io_dtype 'uint8' needs quantization='int8'"):
+        tflite.convert(model, "fp16", io_dtype="uint8")
+    with pytest.raises(ValueError, match="needs a representative_dataset"):
+        tflite.convert(model, "int8")
+    wrong_size = np.zeros((2, 32, SIZE, 3), np.float32)
+    with pytest.raises(ValueError, match=r"image 0 has shape \(1, 32, 64, 3\); the model takes"):
+        tflite.convert(model, "int8", "raw", representative_dataset=wrong_size)
+    pixels = np.zeros((2, SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(ValueError, match="image 0 is uint8; expected float images normalised"):
+        tflite.convert(model, "int8", "raw", representative_dataset=pixels)
