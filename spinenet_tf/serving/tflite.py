@@ -191,8 +191,12 @@ def _builtin_detections(model, raw: dict, post: PostProcessing) -> dict:
     half_h = 0.5 * tf.exp(dh) * anchors[:, 2]
     half_w = 0.5 * tf.exp(dw) * anchors[:, 3]
     boxes = tf.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], axis=-1)
-    # Clipped before NMS, as `RetinaNet.detect` does.
+    # Clipped before NMS, as `RetinaNet.detect` does. A box wholly outside the input
+    # clips to zero area, and TFLite's NON_MAX_SUPPRESSION_V5 returns such a box again and
+    # again (its IoU with itself is 0): those are dropped.
     boxes = tf.clip_by_value(boxes, 0.0, 1.0)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    best = tf.where(area > 0.0, best, 0.0)
     # The raw op: TF's tf.image wrappers add ops TFLite lacks; this one maps to the builtin
     # NON_MAX_SUPPRESSION_V5 (padded output, count of valid rows).
     selected, _, num = tf.raw_ops.NonMaxSuppressionV5(
@@ -509,3 +513,120 @@ def make_interpreter(model_path: str | None = None, model_content: bytes | None 
     except ImportError:  # pragma: no cover - the dev environment has it
         Interpreter = tf.lite.Interpreter
     return Interpreter(model_path=model_path, model_content=model_content, **kw)
+
+
+class TFLiteDetector:
+    """Runs an exported detector (a .tflite file and its JSON) on images of any size.
+
+    `detect(pixels)` applies the preprocessing the JSON states and returns what the
+    SavedModel's `Detector` serves for one image: num_detections [1], detection_boxes
+    [1, D, 4] in that image's pixels, detection_scores [1, D], detection_classes [1, D]
+    (raw exports are decoded here with the model's anchors, class-aware NMS).
+    """
+
+    def __init__(self, path: str, num_threads: int | None = None):
+        json_path = sidecar_path(path)
+        if not tf.io.gfile.exists(path):
+            raise ValueError(f"no TFLite file {path}")
+        if not tf.io.gfile.exists(json_path):
+            raise ValueError(
+                f"{path} has no {json_path} beside it, which states its input and outputs: "
+                "export it with python -m spinenet_tf.export --format=tflite"
+            )
+        with tf.io.gfile.GFile(json_path) as f:
+            self.contract = json.load(f)
+        self.path = path
+        with tf.io.gfile.GFile(path, "rb") as f:
+            self.interpreter = make_interpreter(model_content=f.read(), num_threads=num_threads)
+        self.runner = self.interpreter.get_signature_runner()
+        self.input = self.runner.get_input_details()[INPUT_NAME]
+        expected = self.contract["input"]
+        actual = ([int(d) for d in self.input["shape"]], np.dtype(self.input["dtype"]).name)
+        if actual != (expected["shape"], expected["dtype"]):
+            raise ValueError(
+                f"{path} takes {actual[1]} {actual[0]} but {json_path} says "
+                f"{expected['dtype']} {expected['shape']}: the JSON belongs to another export"
+            )
+        self.image_size = tuple(expected["shape"][1:3])
+        self.label_map = {int(k): v for k, v in self.contract["label_map"].items()}
+        self.mode = self.contract["postprocess"]["mode"]
+
+    def __call__(self, image: np.ndarray) -> dict:
+        """The file's own outputs for one network input (see the JSON)."""
+        image = np.asarray(image)
+        shape = tuple(int(d) for d in self.input["shape"])
+        dtype = np.dtype(self.input["dtype"])
+        if image.shape != shape or image.dtype != dtype:
+            raise ValueError(
+                f"{self.path} takes {dtype.name} {list(shape)} (normalised as its JSON "
+                f"states); got {image.dtype.name} {list(image.shape)}"
+            )
+        return self.runner(**{INPUT_NAME: image})
+
+    def detect(self, pixels) -> dict:
+        """Detections for one uint8 image [h, w, 3] of any size."""
+        from spinenet_tf.ops.geometry import boxes_to_original
+        from spinenet_tf.tasks.base import ImageServing
+
+        pixels = tf.convert_to_tensor(pixels)
+        if pixels.dtype != tf.uint8 or pixels.shape.rank != 3 or pixels.shape[-1] != 3:
+            raise ValueError(
+                f"pixels must be uint8 [h, w, 3], got {pixels.dtype.name} {pixels.shape.as_list()}"
+            )
+        padded, info = ImageServing(self.image_size).preprocess(pixels[None])
+        image = padded.numpy()
+        quant = self.contract["input"].get("quantization")
+        if quant:
+            image = np.clip(np.round(image / quant["scale"] + quant["zero_point"]), 0, 255)
+            image = image.astype(np.uint8)
+        out = self(image)
+        if self.mode == "raw":
+            out = self._decode(out)
+        height, width = self.image_size
+        boxes = out["detection_boxes"] * np.array([height, width, height, width], np.float32)
+        boxes = boxes_to_original(boxes, info[0], clip=True).numpy()
+        valid = np.arange(boxes.shape[1])[None] < out["num_detections"][:, None]
+        return {
+            "num_detections": out["num_detections"].astype(np.int32),
+            "detection_boxes": boxes * valid[..., None],
+            "detection_scores": out["detection_scores"],
+            "detection_classes": out["detection_classes"].astype(np.int32),
+        }
+
+    def _decode(self, raw: dict) -> dict:
+        """Detections from a raw export's outputs (dequantised if uint8), as the Keras model
+        decodes them, boxes as fractions of the input."""
+        from spinenet_tf.ops.anchors import AnchorConfig
+        from spinenet_tf.ops.postprocess import DetectionConfig, generate_detections
+
+        def value(name):
+            x = raw[name]
+            quant = self.contract["outputs"][name].get("quantization")
+            if quant:
+                x = (x.astype(np.float32) - quant["zero_point"]) * quant["scale"]
+            return x
+
+        fields = {f.name for f in dataclasses.fields(AnchorConfig)}
+        anchor = AnchorConfig(**{k: v for k, v in self.contract["anchors"].items() if k in fields})
+        levels = [f"P{level}" for level in anchor.levels]
+        post = self.contract["postprocess"]
+        det = generate_detections(
+            np.concatenate([value(f"class_logits_{k}") for k in levels], axis=1),
+            np.concatenate([value(f"box_deltas_{k}") for k in levels], axis=1),
+            anchor.boxes(self.image_size),
+            anchor.level_sizes(self.image_size),
+            self.image_size,
+            DetectionConfig(
+                max_detections=post["max_detections"],
+                score_threshold=post["score_threshold"],
+                iou_threshold=post["iou_threshold"],
+            ),
+        )
+        height, width = self.image_size
+        scale = np.array([height, width, height, width], np.float32)
+        return {
+            "detection_boxes": det["boxes"].numpy() / scale,
+            "detection_scores": det["scores"].numpy(),
+            "detection_classes": det["classes"].numpy(),
+            "num_detections": det["num_detections"].numpy(),
+        }

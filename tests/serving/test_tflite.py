@@ -3,6 +3,7 @@ and int8 quantisation, builtins only (no Flex), the sidecar contract, bad argume
 
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -27,16 +28,18 @@ TINY_HEAD = dict(
 
 
 def _tiny_mobile(seed=0, **overrides):
+    """The tiny mobile detector with random weights and batch-norm statistics. Fresh, its
+    backbone returns zeros (the blocks' last batch norms start at gamma 0), and with random
+    statistics alone its features hardly vary across the image; He-normal kernels make
+    outputs that depend on the input, with the detections' scores apart by 1e-5 or more."""
+    keras.utils.set_random_seed(seed)  # module fixtures are built before the test's seeding
     model = build_retinanet("mobile-49XS", 5, SIZE, **TINY_HEAD, **MOBILE_FIVE_BLOCKS, **overrides)
     rng = np.random.default_rng(seed)
     randomize_batch_norm_stats(model, rng)
-    # A decisive classifier: scores spread over (0, 1), so detections are not decided by
-    # 1e-6 differences between near-equal scores of a fresh head (all near 0.01).
-    for v in model.head.classifier.weights:
-        scale = 2.0 if "bias" in v.path else 8.0
-        v.assign(v.numpy() * (0 if "bias" in v.path else scale))
-        if "bias" in v.path:
-            v.assign(rng.normal(-1.0, scale, v.shape).astype("float32"))
+    for v in model.weights:
+        if "kernel" in v.path:
+            fan_in = np.prod(v.shape[:2] if "depthwise" in v.path else v.shape[:-1])
+            v.assign(rng.normal(0, np.sqrt(2.0 / fan_in), v.shape).astype("float32"))
     return model
 
 
@@ -135,10 +138,12 @@ def _reference_nms(model, image, post: tflite.PostProcessing, clip_before_nms: b
     cy, cx = deltas[:, 0] * ha + yc, deltas[:, 1] * wa + xc
     h, w = np.exp(dh) * ha, np.exp(dw) * wa
     boxes = np.stack([cy - h / 2, cx - w / 2, cy + h / 2, cx + w / 2], -1)
-    if clip_before_nms:
-        boxes = np.clip(boxes, 0, 1)
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     live = best > post.score_threshold
+    if clip_before_nms:  # the builtin variant, which drops boxes wholly outside the input
+        boxes = np.clip(boxes, 0, 1)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        live &= area > 0
     kept = []
     for i in np.argsort(-best, kind="stable"):
         if not live[i] or len(kept) == post.max_detections:
@@ -149,7 +154,10 @@ def _reference_nms(model, image, post: tflite.PostProcessing, clip_before_nms: b
             0,
             None,
         ).prod(-1)
-        live &= inter / (area + area[i] - inter) <= post.iou_threshold
+        union = area + area[i] - inter
+        # Zero-area boxes (clipped to a border) overlap nothing, as in both TFLite kernels.
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        live &= iou <= post.iou_threshold
     return {
         "boxes": np.clip(boxes[kept], 0, 1),
         "scores": best[kept],
@@ -223,7 +231,7 @@ def _tensor_types(data: bytes):
     return ops, list(tensors.values())
 
 
-def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(model, converted, images):
+def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(model, converted):
     data = tflite.convert(
         model, "int8", "custom_op", representative_dataset=_calibration_images(6, seed=2)
     )
@@ -238,18 +246,19 @@ def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(model, co
     # Constants (weights, anchors) shrink to a third; the rest of a file this small is the
     # graph itself (names of 400 tensors).
     assert _constant_bytes(data) < 0.4 * _constant_bytes(converted["custom_op"])
-    # The int8 model finds the float model's best detections: same class, box IoU > 0.8.
-    for image in images:
+    # On images like those it calibrated on, the int8 model finds the float model's best
+    # detections: same class, box corners within 10% of the input (box deltas of this
+    # random network are large, and exp() enlarges their int8 error).
+    for image in _calibration_images(2, seed=7):
         float_det, int8_det = _run(converted["custom_op"], image), _run(data, image)
         n = int(int8_det["num_detections"][0])
         assert n > 10
         for i in range(5):
-            box = float_det["detection_boxes"][0, i]
-            same_class = (
-                int8_det["detection_classes"][0, :n] == float_det["detection_classes"][0, i]
+            same = int8_det["detection_classes"][0, :n] == float_det["detection_classes"][0, i]
+            corners = np.abs(
+                int8_det["detection_boxes"][0, :n] - float_det["detection_boxes"][0, i]
             )
-            ious = _iou(int8_det["detection_boxes"][0, :n][same_class], box)
-            assert ious.max(initial=0) > 0.8, i
+            assert corners[same].max(-1).min(initial=1) < 0.1, i
 
 
 def _constant_bytes(data: bytes) -> int:
@@ -259,15 +268,7 @@ def _constant_bytes(data: bytes) -> int:
     return sum(len(b.data) for b in model.buffers if b.data is not None)
 
 
-def _iou(boxes, box):
-    inter = np.clip(
-        np.minimum(boxes[:, 2:], box[2:]) - np.maximum(boxes[:, :2], box[:2]), 0, None
-    ).prod(-1)
-    area = (boxes[:, 2:] - boxes[:, :2]).prod(-1)
-    return inter / (area + (box[2:] - box[:2]).prod() - inter)
-
-
-def test_int8_with_uint8_io_documents_its_quantisation(model, images, tmp_path):
+def test_int8_with_uint8_io_documents_its_quantisation(model, tmp_path):
     path = tflite.export_tflite(
         model,
         str(tmp_path / "model.tflite"),
@@ -282,7 +283,7 @@ def test_int8_with_uint8_io_documents_its_quantisation(model, images, tmp_path):
     assert contract["input"]["dtype"] == "uint8"
     runner = tflite.make_interpreter(model_path=path).get_signature_runner()
     assert runner.get_input_details()["image"]["dtype"] == np.uint8
-    for image in images:
+    for image in _calibration_images(2, seed=7):
         q = np.clip(np.round(image / quant["scale"] + quant["zero_point"]), 0, 255)
         served = runner(image=q.astype(np.uint8)[None])
         for name, expected in _keras_levels(model, image).items():
@@ -309,8 +310,6 @@ def test_sidecar_json_states_the_contract(model, tmp_path):
 
 
 def test_a_mixed_precision_model_converts_in_float32(model, converted, images):
-    import keras
-
     keras.config.set_dtype_policy("mixed_bfloat16")
     mixed = build_retinanet("mobile-49XS", 5, SIZE, **TINY_HEAD, **MOBILE_FIVE_BLOCKS)
     keras.config.set_dtype_policy("float32")
@@ -337,3 +336,69 @@ def test_bad_arguments_are_named(model):
     pixels = np.zeros((2, SIZE, SIZE, 3), np.uint8)
     with pytest.raises(ValueError, match="image 0 is uint8; expected float images normalised"):
         tflite.convert(model, "int8", "raw", representative_dataset=pixels)
+
+
+def _write(model, data: bytes, directory, mode: str, labels=LABELS) -> str:
+    """An export of already converted bytes: the file and its JSON."""
+    path = str(directory / f"{mode}.tflite")
+    with open(path, "wb") as f:
+        f.write(data)
+    post = tflite._default_postprocessing(model, mode)
+    with open(tflite.sidecar_path(path), "w") as f:
+        json.dump(tflite.describe(model, data, "none", post, labels), f)
+    return path
+
+
+def test_detector_fits_any_image_and_returns_boxes_in_its_pixels(model, converted, tmp_path):
+    from spinenet_tf.tasks.base import ImageServing
+
+    detector = tflite.TFLiteDetector(_write(model, converted["custom_op"], tmp_path, "custom_op"))
+    assert detector.label_map == LABELS
+    pixels = np.random.default_rng(3).integers(0, 255, (37, 90, 3), dtype=np.uint8)
+    det = detector.detect(pixels)
+    padded, info = ImageServing((SIZE, SIZE)).preprocess(pixels[None])
+    direct = detector(padded.numpy())
+    n = int(det["num_detections"][0])
+    assert n == int(direct["num_detections"][0]) > 0
+    np.testing.assert_array_equal(det["detection_classes"], direct["detection_classes"])
+    # 37 x 90 -> 26 x 64: boxes scale back by 37 / 26 and 90 / 64, inside the image.
+    scale = np.tile(info[0, 2].numpy(), 2)
+    np.testing.assert_allclose(scale, [26 / 37, 64 / 90, 26 / 37, 64 / 90], rtol=1e-6)
+    expected = np.minimum(direct["detection_boxes"][0, :n] * SIZE / scale, [37, 90, 37, 90])
+    np.testing.assert_allclose(det["detection_boxes"][0, :n], expected, atol=1e-3)
+    assert det["detection_boxes"][0, :n, 2].max() <= 37
+
+
+def test_detector_decodes_a_raw_export_as_the_keras_model_does(model, converted, tmp_path):
+    detector = tflite.TFLiteDetector(_write(model, converted["raw"], tmp_path, "raw"))
+    pixels = np.random.default_rng(4).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)
+    det = detector.detect(pixels)
+    from spinenet_tf.tasks.base import ImageServing
+
+    padded, _ = ImageServing((SIZE, SIZE)).preprocess(pixels[None])
+    expected = model.detect(model(padded, training=False))
+    n = int(expected["num_detections"][0])
+    assert int(det["num_detections"][0]) == n > 0
+    np.testing.assert_array_equal(det["detection_classes"][0, :n], expected["classes"][0, :n])
+    np.testing.assert_allclose(det["detection_scores"][0], expected["scores"][0], atol=1e-5)
+    np.testing.assert_allclose(det["detection_boxes"][0], expected["boxes"][0], atol=1e-3)
+
+
+def test_detector_names_wrong_inputs_and_files(model, converted, tmp_path):
+    path = _write(model, converted["custom_op"], tmp_path, "custom_op")
+    detector = tflite.TFLiteDetector(path)
+    with pytest.raises(ValueError, match=r"takes float32 \[1, 64, 64, 3\].*got float32 \[1, 60"):
+        detector(np.zeros((1, 60, SIZE, 3), np.float32))
+    with pytest.raises(ValueError, match=r"takes float32 \[1, 64, 64, 3\].*got uint8"):
+        detector(np.zeros((1, SIZE, SIZE, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"pixels must be uint8 \[h, w, 3\], got float32"):
+        detector.detect(np.zeros((SIZE, SIZE, 3), np.float32))
+    bare = tmp_path / "bare.tflite"
+    bare.write_bytes(converted["custom_op"])
+    with pytest.raises(ValueError, match="bare.tflite has no .*bare.json beside it"):
+        tflite.TFLiteDetector(str(bare))
+    contract = json.loads((tmp_path / "custom_op.json").read_text())
+    contract["input"]["shape"] = [1, 128, 128, 3]
+    (tmp_path / "bare.json").write_text(json.dumps(contract))
+    with pytest.raises(ValueError, match=r"takes float32 \[1, 64, 64, 3\] but .*bare.json says"):
+        tflite.TFLiteDetector(str(bare))
