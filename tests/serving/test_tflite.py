@@ -202,6 +202,8 @@ def test_exports_hold_builtin_ops_only_checked_by_the_analyzer(converted, capfd)
         custom = {op for op in _op_names(data) if not op.isupper()}
         assert custom == expected_custom, mode
     assert "NON_MAX_SUPPRESSION_V5" in _op_names(converted["builtin"])
+    # Upsampling is a broadcasting MUL, which XNNPACK runs; BROADCAST_TO is not delegated.
+    assert "BROADCAST_TO" not in _op_names(converted["raw"])
 
 
 @pytest.mark.parametrize("quantization", ["fp16", "dynamic"])
@@ -402,3 +404,90 @@ def test_detector_names_wrong_inputs_and_files(model, converted, tmp_path):
     (tmp_path / "bare.json").write_text(json.dumps(contract))
     with pytest.raises(ValueError, match=r"takes float32 \[1, 64, 64, 3\] but .*bare.json says"):
         tflite.TFLiteDetector(str(bare))
+
+
+def _box_ap(detect, pattern: str, annotations: str, size: int) -> float:
+    """COCO box AP (the project's evaluator) of detect(network input [H, W, 3]) -> detections
+    in input pixels over the evaluation records."""
+    from spinenet_tf.data.dataset import make_dataset
+    from spinenet_tf.data.parsers import detection_parser
+    from spinenet_tf.evaluation.coco import CocoEvaluator
+
+    evaluator = CocoEvaluator(annotations)
+    parser = detection_parser((size, size), training=False)
+    for image, truth in make_dataset(pattern, parser, 1, training=False):
+        evaluator.update(detect(image[0].numpy()), truth)
+    return evaluator.result()["AP"]
+
+
+@pytest.mark.slow  # generates data, trains a mobile-49XS for minutes, evaluates three ways
+def test_int8_box_ap_is_within_2_of_float_on_trained_shapes(tmp_path):
+    """A mobile-49XS trained briefly on the shapes data: the int8 file's box AP within 2 AP
+    (0.02) of the float32 file's, both with the custom op's post-processing, calibrated on
+    the experiment's own training pipeline."""
+    from spinenet_tf.data import create_coco_tfrecord, shapes
+    from spinenet_tf.serving.load import calibration_images
+    from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
+    from spinenet_tf.training.trainer import Trainer
+
+    size = 128
+    shapes.generate(tmp_path / "shapes", num_train=400, num_val=60, image_size=size, seed=7)
+    records = {}
+    for split in shapes.SPLITS:
+        prefix = str(tmp_path / "records" / split)
+        create_coco_tfrecord.convert(
+            shapes.image_dir(tmp_path / "shapes", split),
+            shapes.annotation_path(tmp_path / "shapes", split),
+            prefix,
+            num_shards=1,
+            num_workers=0,
+            verbose=False,
+        )
+        records[split] = prefix + "-*.tfrecord"
+    annotations = str(shapes.annotation_path(tmp_path / "shapes", "val"))
+    config = ExperimentConfig(
+        model_id="mobile-49XS",
+        num_classes=5,
+        image_size=size,
+        model_overrides={"matching": {"unmatched_iou": 0.4}},
+        train=DataConfig(
+            source=records["train"], global_batch_size=16, scale_range=(0.75, 1.333), cache=True
+        ),
+        eval=DataConfig(source=records["val"], global_batch_size=20, annotation_file=annotations),
+        optimizer=OptimizerConfig(
+            learning_rate=1.28, warmup_steps=100, decay="cosine", global_clipnorm=10.0
+        ),
+        train_steps=800,
+        steps_per_loop=50,
+        checkpoint_every=800,
+        seed=0,
+    )
+    trainer = Trainer(config, str(tmp_path / "run"))
+    trainer.train()
+    model = trainer.model
+    keras_ap = trainer.evaluate()["AP"]
+    images = calibration_images(config, config.task, model, steps=100)
+    aps = {}
+    for quantization in ("none", "int8"):
+        path = tflite.export_tflite(
+            model,
+            str(tmp_path / f"{quantization}.tflite"),
+            quantization,
+            "custom_op",
+            representative_dataset=images if quantization == "int8" else None,
+        )
+        run = tflite.make_interpreter(model_path=path).get_signature_runner()
+
+        def detect(image, run=run):
+            out = run(image=image[None])
+            return {
+                "boxes": out["detection_boxes"] * size,
+                "scores": out["detection_scores"],
+                "classes": out["detection_classes"],
+                "num_detections": out["num_detections"],
+            }
+
+        aps[quantization] = _box_ap(detect, records["val"], annotations, size)
+    print(f"box AP: Keras {keras_ap:.4f}, float32 TFLite {aps['none']:.4f}, int8 {aps['int8']:.4f}")
+    assert aps["none"] > 0.2, aps  # trained enough for the comparison to mean something
+    assert abs(aps["int8"] - aps["none"]) < 0.02, aps
