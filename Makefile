@@ -56,6 +56,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/tflite.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes data/shapes_classification

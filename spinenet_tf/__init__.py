@@ -22,6 +22,7 @@ _EXPORTS = {
     "SpineNet": "spinenet_tf.models.spinenet",
     "build_backbone": "spinenet_tf.models.spinenet",
     "export_saved_model": "spinenet_tf.serving.export",
+    "export_tflite": "spinenet_tf.serving.tflite",
     "RetinaNetTask": "spinenet_tf.tasks",
     "Task": "spinenet_tf.tasks",
 }

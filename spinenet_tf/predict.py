@@ -5,17 +5,20 @@ detector's: COCO-format detections).
         --images='data/shapes/val/*.jpg' --output_dir=runs/predictions
     python -m spinenet_tf.predict --gin_file=gin_configs/experiments/quickstart.gin \
         --checkpoint=runs/quickstart --images='photos/*.png' --output_dir=out
+    python -m spinenet_tf.predict --tflite=exports/tflite/model_int8.tflite \
+        --images='data/shapes/val/*.jpg' --output_dir=runs/predictions_tflite
 
 Writes OUTPUT_DIR/<name>.png (each image as the task draws its prediction: detections for
 RetinaNet) and OUTPUT_DIR/detections.json (the task's records; RetinaNet: COCO results,
 category_id, bbox [x, y, w, h], score, category_name; each with image_id and file_name). A
 SavedModel is read as the task its export recorded (RetinaNet, classification: top classes
 drawn beneath the image, records of category_id, category_name, score); give --gin_file
-too for a task of one's own. Image ids come from --annotations (a COCO file listing the
-images) when given, else from numeric file names (COCO's 000000397133.jpg -> 397133; other
-names are numbered on from the largest), or, when numeric names repeat, from the image's
-position. Files that cannot be decoded are
-reported by name and skipped.
+too for a task of one's own. A TFLite file (detectors) is read with the JSON its export
+wrote beside it, each image fitted to the file's static input size. Image ids come from
+--annotations (a COCO file listing the images) when given, else from numeric file names
+(COCO's 000000397133.jpg -> 397133; other names are numbered on from the largest), or, when
+numeric names repeat, from the image's position. Files that cannot be decoded are reported
+by name and skipped.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from spinenet_tf import console
 
 console.quiet_tensorflow("predict")
 
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from absl import app, flags  # noqa: E402
 from absl import logging as absl_logging  # noqa: E402
@@ -39,6 +43,10 @@ from spinenet_tf.tasks.retinanet import RetinaNetTask  # noqa: E402
 from spinenet_tf.training import gin_bindings  # noqa: E402
 
 flags.DEFINE_string("saved_model", None, "A SavedModel from spinenet_tf.export.")
+flags.DEFINE_string(
+    "tflite", None, "A .tflite file from spinenet_tf.export --format=tflite (its .json beside)."
+)
+flags.DEFINE_integer("num_threads", None, "--tflite: interpreter threads (default: its own).")
 cli.define_model_flags()
 flags.DEFINE_list("images", None, "Image files: glob patterns (local or gs://), comma-separated.")
 flags.DEFINE_string("output_dir", None, "Where to write annotated images and detections.json.")
@@ -73,6 +81,26 @@ def saved_model_runner(path: str):
         )
     labels = os.path.join(path, "assets.extra", "label_map.json")
     return run, read_label_map(labels) if tf.io.gfile.exists(labels) else {}
+
+
+def tflite_runner(path: str, num_threads: int | None = None):
+    """(run(encoded [B]) -> outputs, label map) for an exported TFLite detector: one image
+    at a time (batch 1, static size), each fitted to the file's input size."""
+    from spinenet_tf.serving.tflite import TFLiteDetector
+
+    try:
+        detector = TFLiteDetector(path, num_threads=num_threads)
+    except (ValueError, OSError) as e:
+        raise app.UsageError(str(e)) from None
+
+    def run(encoded):
+        outs = [
+            detector.detect(tf.io.decode_image(e, channels=3, expand_animations=False))
+            for e in encoded
+        ]
+        return {k: tf.constant(np.concatenate([o[k] for o in outs])) for k in outs[0]}
+
+    return run, detector.label_map
 
 
 def checkpoint_runner(flag_values):
@@ -186,8 +214,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     absl_logging.set_verbosity(absl_logging.WARNING)
-    if bool(FLAGS.saved_model) == bool(FLAGS.checkpoint):
-        raise app.UsageError("give either --saved_model or --gin_file with --checkpoint")
+    if sum(bool(x) for x in (FLAGS.saved_model, FLAGS.tflite, FLAGS.checkpoint)) != 1:
+        raise app.UsageError("give one of --saved_model, --tflite, or --gin_file with --checkpoint")
     files = sorted({p for pattern in FLAGS.images for p in tf.io.gfile.glob(pattern)})
     if not files:
         raise app.UsageError(f"no files match --images={','.join(FLAGS.images)}")
@@ -195,6 +223,9 @@ def main(argv):
     if FLAGS.saved_model:
         run, label_map = saved_model_runner(FLAGS.saved_model)
         task = saved_model_task(FLAGS, FLAGS.saved_model)
+    elif FLAGS.tflite:
+        run, label_map = tflite_runner(FLAGS.tflite, FLAGS.num_threads)
+        task = RetinaNetTask()
     else:
         run, label_map, task = checkpoint_runner(FLAGS)
     counts = predict(

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from absl import logging as absl_logging  # noqa: E402
 
 from spinenet_tf.data.label_map import LabelMapError  # noqa: E402
 from spinenet_tf.training import gin_bindings  # noqa: E402
+from spinenet_tf.training.config import prepare_synthetic_data  # noqa: E402
 from spinenet_tf.training.strategy import STRATEGIES, get_strategy  # noqa: E402
 from spinenet_tf.training.trainer import Trainer  # noqa: E402
 
@@ -38,23 +38,6 @@ flags.DEFINE_string("tpu", None, "TPU name or grpc:// address ('local' on a TPU 
 flags.DEFINE_float("eval_timeout", None, "continuous_eval: stop after this many seconds idle.")
 flags.mark_flag_as_required("model_dir")
 FLAGS = flags.FLAGS
-
-
-def prepare_synthetic_data(config):
-    """Fills empty data sources from the task's synthetic dataset (RetinaNet: the shapes
-    detection data), generating it if absent."""
-    if not config.synthetic_data_dir:
-        return config
-    paths = config.task.synthetic_data(config.synthetic_data_dir, **config.synthetic_data_args)
-    train = config.train
-    if not train.source:
-        train = dataclasses.replace(train, source=paths["train"])
-    evaluation = config.eval
-    if not evaluation.source:
-        evaluation = dataclasses.replace(
-            evaluation, source=paths["val"], annotation_file=paths["label_map"]
-        )
-    return dataclasses.replace(config, train=train, eval=evaluation)
 
 
 def run(mode: str, model_dir: str, strategy, config) -> dict:

@@ -23,6 +23,17 @@ class TFDSSource:
     data_dir: str | None = None
 
 
+def data_source(text: str):
+    """DataConfig.source as make_dataset takes it: 'tfds:NAME:SPLIT' -> TFDSSource, else the
+    TFRecord pattern itself."""
+    if text.startswith("tfds:"):
+        _, name, split = text.split(":", 2)
+        return TFDSSource(name, split)
+    if not text:
+        raise ValueError("no data source given; set DataConfig.source")
+    return text
+
+
 def _placeholder(spec):
     """A zero-sized element of the given structure, to stand in for an undecodable record."""
     return tf.nest.map_structure(

@@ -156,9 +156,13 @@ class StochasticDepth(keras.layers.Layer):
 
 
 def nearest_upsample(x, scale: int, target_hw=None):
-    """Nearest-neighbour upsampling by an integer factor via reshape + broadcast.
+    """Nearest-neighbour upsampling by an integer factor via reshape + a broadcasting
+    multiply by ones.
 
-    tf.image.resize(method="nearest") has no XLA gradient; this has. When `target_hw` is
+    tf.image.resize(method="nearest") has no XLA gradient; this has. The multiply (as Model
+    Garden's nearest_upsampling) rather than broadcast_to: TFLite's BROADCAST_TO is not
+    delegated to XNNPACK and splits the graph (measured: mobile-49XS at 256 px, 14.3 ms
+    against 11.8 ms per image). When `target_hw` is
     given, the result is cropped to it: levels are ceil(size / 2**level), so upsampling
     ceil(size / 2**l) by 2**k can overshoot ceil(size / 2**(l-k)) by up to 2**k - 1 rows.
     """
@@ -167,8 +171,7 @@ def nearest_upsample(x, scale: int, target_hw=None):
     shape_hw = x.shape[1:3]
     shape = ops.shape(x)
     b, h, w, c = shape[0], shape[1], shape[2], x.shape[-1]
-    x = ops.reshape(x, (b, h, 1, w, 1, c))
-    x = ops.broadcast_to(x, (b, h, scale, w, scale, c))
+    x = ops.reshape(x, (b, h, 1, w, 1, c)) * ops.ones((1, 1, scale, 1, scale, 1), x.dtype)
     x = ops.reshape(x, (b, h * scale, w * scale, c))
     if target_hw is not None:
         static = [None if d is None else d * scale for d in shape_hw]

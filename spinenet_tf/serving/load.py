@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import tensorflow as tf
 
+from spinenet_tf.data.dataset import data_source, make_dataset
 from spinenet_tf.data.label_map import data_classes, read_label_map
 from spinenet_tf.training import gin_bindings
 from spinenet_tf.training.checkpoints import restore_model
+from spinenet_tf.training.config import prepare_synthetic_data
 
 
 def load_model(
@@ -39,3 +42,31 @@ def load_model(
     task.apply_serving_overrides(model, overrides or {})
     label_map = read_label_map(label_map_path) if label_map_path else names
     return task, model, label_map
+
+
+def calibration_images(config, task, model, steps: int, seed: int = 0):
+    """A callable yielding `steps` images [1, H, W, 3] (float32, normalised) of the
+    experiment's own training input pipeline, augmentation included, batch 1: the
+    representative dataset int8 quantisation calibrates on (Model Garden's choice too)."""
+    config = prepare_synthetic_data(config)
+    if not config.train.source:
+        raise ValueError(
+            "int8 calibration reads the experiment's training data, and it has none: set "
+            "DataConfig.source of ExperimentConfig.train (or synthetic_data_dir)"
+        )
+    parser = task.parser(model, config, training=True)
+
+    def images():
+        dataset = make_dataset(
+            data_source(config.train.source),
+            parser,
+            1,
+            training=True,
+            decoders=task.decoders,
+            shuffle_buffer=min(config.train.shuffle_buffer, 256),
+            seed=seed,
+        )
+        for image, _ in dataset.take(steps):
+            yield tf.cast(image, tf.float32).numpy()
+
+    return images

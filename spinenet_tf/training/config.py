@@ -145,3 +145,20 @@ class ExperimentConfig:
     synthetic_data_args: dict = dataclasses.field(default_factory=dict)
     init_checkpoint: str = ""
     init_scope: str = "all"
+
+
+def prepare_synthetic_data(config):
+    """Fills empty data sources from the task's synthetic dataset (RetinaNet: the shapes
+    detection data), generating it if absent."""
+    if not config.synthetic_data_dir:
+        return config
+    paths = config.task.synthetic_data(config.synthetic_data_dir, **config.synthetic_data_args)
+    train = config.train
+    if not train.source:
+        train = dataclasses.replace(train, source=paths["train"])
+    evaluation = config.eval
+    if not evaluation.source:
+        evaluation = dataclasses.replace(
+            evaluation, source=paths["val"], annotation_file=paths["label_map"]
+        )
+    return dataclasses.replace(config, train=train, eval=evaluation)

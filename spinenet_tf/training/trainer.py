@@ -19,7 +19,7 @@ import time
 import keras
 import tensorflow as tf
 
-from spinenet_tf.data.dataset import TFDSSource, make_dataset
+from spinenet_tf.data.dataset import data_source, make_dataset
 from spinenet_tf.data.label_map import data_classes
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.checkpoints import by_path, init_from_checkpoint, model_variables
@@ -36,15 +36,6 @@ __all__ = ["DataConfig", "ExperimentConfig", "OptimizerConfig", "Trainer", "Trai
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def _source(text: str):
-    if text.startswith("tfds:"):
-        _, name, split = text.split(":", 2)
-        return TFDSSource(name, split)
-    if not text:
-        raise ValueError("no data source given; set DataConfig.source")
-    return text
 
 
 class Trainer:
@@ -124,7 +115,7 @@ class Trainer:
 
         def dataset_fn(input_context):
             ds = make_dataset(
-                _source(data.source),
+                data_source(data.source),
                 parser,
                 data.global_batch_size,
                 training=training,

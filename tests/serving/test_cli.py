@@ -148,3 +148,74 @@ def test_restore_model_rejects_a_checkpoint_of_another_model(checkpoint):
         restore_model(other, str(checkpoint))
     with pytest.raises(ValueError, match="no checkpoint at"):
         restore_model(other, str(checkpoint / "ckpt-99"))
+
+
+def test_tflite_flags_that_do_not_go_together_are_named(tmp_path):
+    required = [f"--checkpoint={tmp_path}", f"--export_dir={tmp_path / 'x'}", *GIN]
+    for flags, message in [
+        (["--quantization=int8"], "--quantization apply to --format=tflite only"),
+        (
+            ["--format=tflite", "--int8_io=uint8"],
+            "--int8_io=uint8 needs --quantization=int8, got --quantization=none",
+        ),
+        (["--format=tflite", "--jit_compile"], "--jit_compile applies to --format=saved_model"),
+    ]:
+        result = _run("spinenet_tf.export", *required, *flags)
+        assert result.returncode != 0
+        assert message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow  # export and predict processes
+def test_export_int8_tflite_then_predict_with_it(checkpoint, images, shapes_records, tmp_path):
+    """int8 calibrated on the experiment's own training pipeline (here the test records),
+    then predict --tflite: the same detections as the float32 TFLite file, near enough."""
+    data = [
+        f"--gin_param=train/DataConfig.source = '{shapes_records['train']}'",
+        "--gin_param=ExperimentConfig.synthetic_data_dir = ''",
+    ]
+    exported = tmp_path / "tflite"
+    records = {}
+    for quantization in ("none", "int8"):
+        result = _run(
+            "spinenet_tf.export",
+            *GIN,
+            *data,
+            f"--checkpoint={checkpoint}",
+            f"--export_dir={exported}",
+            "--format=tflite",
+            f"--quantization={quantization}",
+            *(["--calibration_steps=8"] if quantization == "int8" else []),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        name = "float32" if quantization == "none" else quantization
+        path = exported / f"model_{name}.tflite"
+        assert f"to {path}" in result.stdout
+        contract = json.loads((exported / f"model_{name}.json").read_text())
+        assert contract["input"]["shape"] == [1, 64, 64, 3]
+        assert contract["label_map"]["4"] == "star"
+        out = tmp_path / f"predictions_{name}"
+        result = _run(
+            "spinenet_tf.predict",
+            f"--tflite={path}",
+            f"--images={images / '*.jpg'}",
+            f"--output_dir={out}",
+            "--score_threshold=0.3",
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "3 images" in result.stdout and "1 unreadable files skipped" in result.stdout
+        assert len(list(out.glob("*.png"))) == 3
+        records[name] = json.loads((out / "detections.json").read_text())
+    assert len(records["float32"]) > 3
+    best = {}
+    for r in records["int8"]:
+        key = (r["image_id"], r["category_id"])
+        best[key] = max(best.get(key, 0), r["score"])
+    for r in records["float32"][:5]:
+        assert (r["image_id"], r["category_id"]) in best
+    result = _run(
+        "spinenet_tf.predict",
+        f"--tflite={tmp_path / 'missing.tflite'}",
+        f"--images={images / '*.jpg'}",
+        f"--output_dir={tmp_path / 'x'}",
+    )
+    assert result.returncode != 0 and "no TFLite file" in result.stderr
