@@ -44,12 +44,17 @@ def image_dir(root, split: str) -> Path:
     return Path(root) / "images" / split
 
 
+def _light_ramp(rng, h: int, w: int) -> np.ndarray:
+    """[h, w]: distance along a random direction from the centre, in shorter sides."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    angle = rng.uniform(0, 2 * math.pi)
+    return ((xx - w / 2) * math.cos(angle) + (yy - h / 2) * math.sin(angle)) / min(h, w)
+
+
 def _background(rng, h: int, w: int) -> Image.Image:
     """One random near-grey colour, lit unevenly, with some grain."""
     colour = rng.uniform(60, 200) + rng.uniform(-15, 15, 3)
-    yy, xx = np.mgrid[0:h, 0:w]
-    angle = rng.uniform(0, 2 * math.pi)
-    ramp = ((xx - w / 2) * math.cos(angle) + (yy - h / 2) * math.sin(angle)) / min(h, w)
+    ramp = _light_ramp(rng, h, w)
     pixels = colour * (1.0 + rng.uniform(0, 0.3) * ramp)[..., None]
     pixels = pixels + rng.normal(0, 6, (h, w, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -68,9 +73,7 @@ def _draw_image(rng, category: int, h: int, w: int) -> Image.Image:
     contrast = np.abs(candidates - pixels[mask].mean(axis=0)).sum(axis=1)
     colour = candidates[np.argmax(contrast >= MIN_CONTRAST)]
     # Light falling from one side, and some grain.
-    angle = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:h, 0:w]
-    ramp = ((xx - w / 2) * math.cos(angle) + (yy - h / 2) * math.sin(angle)) / side
+    ramp = _light_ramp(rng, h, w)
     light = 1.0 + rng.uniform(0, 0.4) * ramp + rng.normal(0, 0.04, (h, w))
     painted = np.clip(colour * light[..., None], 0, 255)
     pixels = np.where(mask[..., None], painted, pixels)
