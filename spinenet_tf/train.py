@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 
 from spinenet_tf import console
@@ -96,8 +97,10 @@ def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
     name = os.path.basename(os.path.normpath(model_dir)) or "model"
     # The interpreter as the user would type it: .venv/bin/python inside the project.
     python = os.path.relpath(sys.executable) if ".venv" in sys.executable else "python"
+    # Shell-quoted, so that a binding holding quotes (e.g. name='adam') pastes back intact.
     model_flags = " ".join(
-        [f"--gin_file={f}" for f in gin_files] + [f'--gin_param="{p}"' for p in gin_params]
+        [shlex.quote(f"--gin_file={f}") for f in gin_files]
+        + [shlex.quote(f"--gin_param={p}") for p in gin_params]
     )
     if config.synthetic_data_dir:
         images = config.task.synthetic_data(
@@ -110,10 +113,13 @@ def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
         [
             "Next:",
             f"  export:      {python} -m spinenet_tf.export {model_flags} \\",
-            f"                 --checkpoint={model_dir} --export_dir=exports/{name}",
-            f"  predict:     {python} -m spinenet_tf.predict --saved_model=exports/{name} \\",
-            f"                 --images='{images}' --output_dir={predictions}",
-            f"  TensorBoard: tensorboard --logdir={model_dir}",
+            f"                 --checkpoint={shlex.quote(model_dir)} "
+            f"--export_dir={shlex.quote(f'exports/{name}')}",
+            f"  predict:     {python} -m spinenet_tf.predict "
+            f"--saved_model={shlex.quote(f'exports/{name}')} \\",
+            f"                 --images={shlex.quote(images)} "
+            f"--output_dir={shlex.quote(predictions)}",
+            f"  TensorBoard: tensorboard --logdir={shlex.quote(model_dir)}",
         ]
     )
 

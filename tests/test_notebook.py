@@ -1,6 +1,7 @@
 """examples/quickstart.ipynb runs top to bottom (at tiny settings), so it never rots."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,7 @@ def test_quickstart_notebook_executes(tmp_path):
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "parameters" in text and "Epoch 2/2" in text
     assert "detections above 0.3 per image" in text
+    assert re.search(r"held-out split: AP [0-9.]+, AP50 [0-9.]+, AP75 [0-9.]+", text)
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2  # the loss curve and the detections
     assert (tmp_path / "shapes" / "records" / "DONE").exists()

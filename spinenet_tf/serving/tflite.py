@@ -97,8 +97,9 @@ def _float32_config(config):
     return config
 
 
-def _levels(per_level: dict) -> list[str]:
-    return sorted(per_level, key=lambda k: int(k[1:]))
+def _level_keys(anchor) -> list[str]:
+    """The head's per-level keys, P{min_level}..P{max_level}: the anchors' order."""
+    return [f"P{level}" for level in anchor.levels]
 
 
 def _raw_outputs(model, images) -> dict:
@@ -106,7 +107,7 @@ def _raw_outputs(model, images) -> dict:
     `model.anchor_boxes`."""
     class_logits, box_deltas = model.head(model.backbone(images, training=False), training=False)
     out = {}
-    for key in _levels(class_logits):
+    for key in _level_keys(model.anchor_config):
         out[f"class_logits_{key}"] = tf.reshape(class_logits[key], [1, -1, model.num_classes])
         out[f"box_deltas_{key}"] = tf.reshape(box_deltas[key], [1, -1, 4])
     return out
@@ -124,7 +125,7 @@ def center_size_anchors(model) -> np.ndarray:
 
 
 def _concat_outputs(model, raw: dict):
-    levels = [f"P{level}" for level in model.anchor_config.levels]
+    levels = _level_keys(model.anchor_config)
     logits = tf.concat([raw[f"class_logits_{k}"] for k in levels], axis=1)
     deltas = tf.concat([raw[f"box_deltas_{k}"] for k in levels], axis=1)
     # Our decoding caps the log-scale deltas (spinenet_tf.ops.boxes); the op does not.
@@ -617,7 +618,7 @@ class TFLiteDetector:
 
         fields = {f.name for f in dataclasses.fields(AnchorConfig)}
         anchor = AnchorConfig(**{k: v for k, v in self.contract["anchors"].items() if k in fields})
-        levels = [f"P{level}" for level in anchor.levels]
+        levels = _level_keys(anchor)
         post = self.contract["postprocess"]
         det = generate_detections(
             np.concatenate([value(f"class_logits_{k}") for k in levels], axis=1),

@@ -115,7 +115,12 @@ class ClassificationTask(Task):
         return out
 
     def serving_module(self, model, label_map=None, jit_compile=False):
-        return ClassifierServing(model, label_map, jit_compile=jit_compile)
+        return ClassifierServing(
+            model,
+            label_map,
+            jit_compile=jit_compile,
+            center_crop_fraction=self.center_crop_fraction,
+        )
 
     def draw_prediction(self, pixels, prediction, label_map, score_threshold):
         return draw_classification(
@@ -180,7 +185,8 @@ class AccuracyEvaluator:
 class ClassifierServing(ImageServing):
     """Images in, classes out, for a `Classifier`: the computation an export serves.
 
-    Preprocessing is the evaluation parser's: the centre crop of 0.875 of the shorter side,
+    Preprocessing is the evaluation parser's: the centre crop of center_crop_fraction (the
+    task's; 0.875 by default) of the shorter side,
     normalised and resized (bilinear) to the model's input. Every input method returns
     {"logits" [B, K], "probabilities" [B, K], "top_k_classes" [B, k] int32, "top_k_scores"
     [B, k]} and, with a label map, "top_k_class_names" [B, k] string.

@@ -4,9 +4,10 @@ import collections
 import io
 import json
 
+import numpy as np
 import pytest
 import tensorflow as tf
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from spinenet_tf.data import create_classification_tfrecord as cct
 from spinenet_tf.data import shapes_classification
@@ -221,6 +222,24 @@ def test_shapes_classification_dataset(tmp_path):
     )
     shapes_classification.ensure_dataset(tmp_path / "a", **dict(sizes, seed=4))
     assert json.loads(done.read_text())[0] == shapes_classification.VERSION
+
+
+def test_shapes_lie_whole_inside_the_centred_square():
+    """What the evaluation's centre crop of 1.0 keeps: an image differs from its background
+    (blurred alone) only inside the centred square of the shorter side, grown by the blur's
+    reach, and the long side's ends are pure background."""
+    for seed, (h, w) in enumerate([(48, 64), (64, 48), (56, 56), (40, 60)] * 4):
+        category = seed % 4 + 1
+        background = shapes_classification._background(np.random.default_rng(seed), h, w)
+        blurred = np.asarray(background.filter(ImageFilter.GaussianBlur(0.6)), np.int16)
+        image = shapes_classification._draw_image(np.random.default_rng(seed), category, h, w)
+        ys, xs = np.nonzero((np.asarray(image, np.int16) != blurred).any(axis=-1))
+        assert len(ys), (seed, h, w)  # a shape is drawn
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        # The shape stays 1 pixel inside the square; GaussianBlur(0.6) reaches 3 pixels.
+        assert top - 2 <= ys.min() and ys.max() < top + side + 2, (seed, h, w)
+        assert left - 2 <= xs.min() and xs.max() < left + side + 2, (seed, h, w)
 
 
 def test_generate_replaces_the_images_of_an_earlier_run(tmp_path):

@@ -71,9 +71,13 @@ def test_export_then_predict_from_the_saved_model_and_from_the_checkpoint(
         f"--export_dir={exported}",
         f"--label_map={labels}",
         "--input_types=image_bytes,image_tensor",
+        "--jit_compile",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "serving_default = image_bytes" in result.stdout and "4 labels" in result.stdout
+    # XLA-compiled serving functions: the caveat for TF Serving is printed, and below they
+    # serve what the checkpoint computes.
+    assert "warning: --jit_compile: Stock TF Serving" in result.stderr
 
     outputs = {}
     for how, source in [
@@ -112,7 +116,7 @@ def test_export_then_predict_from_the_saved_model_and_from_the_checkpoint(
         )
         x, y, w, h = r["bbox"]
         assert x >= 0 and y >= 0 and w >= 0 and h >= 0 and x + w <= 64.01 and y + h <= 64.01
-    # The in-process model computes what its export serves.
+    # The in-process model computes what its (XLA-compiled) export serves.
     other = outputs["checkpoint"]
     assert [(r["image_id"], r["category_id"]) for r in other] == [
         (r["image_id"], r["category_id"]) for r in results

@@ -461,6 +461,7 @@ def test_int8_box_ap_is_within_2_of_float_on_trained_shapes(tmp_path):
         steps_per_loop=50,
         checkpoint_every=800,
         seed=0,
+        deterministic=True,  # the same AP every run (two unseeded runs differed by 0.07)
     )
     trainer = Trainer(config, str(tmp_path / "run"))
     trainer.train()

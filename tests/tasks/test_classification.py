@@ -88,6 +88,23 @@ def test_random_crop_falls_back_to_the_centre_crop():
     assert len(crops) > 1  # seeded, and the seed matters
 
 
+def test_serving_crops_as_the_task_evaluates(data):
+    """The export's preprocessing takes the task's centre crop fraction, as its evaluation
+    parser does (the classification quickstart evaluates on the whole centred square)."""
+    image = tf.constant(np.random.default_rng(1).integers(0, 255, (1, 30, 40, 3)), tf.uint8)
+    for fraction, (top, left, side) in [(1.0, (0, 5, 30)), (0.875, (2, 7, 26))]:
+        task = ClassificationTask(center_crop_fraction=fraction)
+        config = _config(data, task=task)
+        model = task.build_model(config)
+        served, _ = task.serving_module(model).preprocess(image)
+        parse = task.parser(model, config, training=False)
+        parsed, _ = parse({"image": image[0], "label": 1, "source_id": 3})
+        np.testing.assert_allclose(served[0], parsed, atol=1e-5)
+        crop = ops.normalize_image({"image": image[0, top : top + side, left : left + side]})
+        expected = ops.resize_bilinear_legacy(crop["image"], (48, 48))
+        np.testing.assert_allclose(served[0], expected, atol=1e-5)
+
+
 def test_legacy_bilinear_resize_has_no_half_pixel_centres():
     row = tf.reshape(tf.range(4.0), (1, 4, 1))
     up = ops.resize_bilinear_legacy(row, (1, 8))

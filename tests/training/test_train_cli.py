@@ -2,6 +2,7 @@
 SIGTERM, and every experiment's gin file."""
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -107,6 +108,14 @@ def test_train_and_eval_end_to_end(tmp_path):
     assert (run / "eval_2.json").exists() and (run / "detections_2.json").exists()
     assert list((run / "images").glob("*.png"))
     assert (tmp_path / "shapes" / "records" / "DONE").exists()
+    # The printed export command pastes back into a shell with every binding intact, quotes
+    # included (TINY_PARAMS hold single quotes, the data dir a path).
+    lines = result.stdout.split("Next:\n", 1)[1].splitlines()
+    export = shlex.split(" ".join(line.rstrip("\\") for line in lines[:2]))
+    assert export[0] == "export:" and export[2:4] == ["-m", "spinenet_tf.export"]
+    cmd = _command(run, tmp_path / "shapes", train_steps=2)
+    assert [a for a in export if a.startswith("--gin")] == [a for a in cmd if a.startswith("--gin")]
+    assert f"--checkpoint={run}" in export
 
 
 def test_sigterm_saves_and_stops(shapes_records, shapes_dir, tmp_path):
