@@ -328,9 +328,42 @@ def convert(
         converter.target_spec.supported_types = [tf.float16]
         return converter.convert()
     if quantization == "dynamic":
-        return converter.convert()
+        return share_vectors(converter.convert())
     converter.representative_dataset = _calibration(representative_dataset, model.image_size)
-    return _quantize_network(converter, io_dtype, raw=postprocess.mode == "raw")
+    return share_vectors(_quantize_network(converter, io_dtype, raw=postprocess.mode == "raw"))
+
+
+def share_vectors(data: bytes) -> bytes:
+    """The same .tflite model with each distinct flatbuffer vector written once, the tables
+    that hold an equal vector pointing at that one (flatbuffers allows shared vectors; the
+    model and its outputs are unchanged).
+
+    A per-channel quantised tensor carries a scale (float32) and a zero point (int64) per
+    channel, and the zero points of int8 weights and biases are all 0: the converter writes
+    one such vector per tensor, 0.40 MB of mobile-49XS's 1.83 MB int8 file at 256 px.
+    Files whose weights sit past the flatbuffer (buffer offsets, models over 2 GB) are
+    returned as they are.
+    """
+    import flatbuffers
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    class SharingBuilder(flatbuffers.Builder):
+        def __init__(self, size):
+            super().__init__(size)
+            self.written = {}
+
+        def CreateNumpyVector(self, x):
+            key = (x.dtype.str, x.tobytes())
+            if key not in self.written:
+                self.written[key] = super().CreateNumpyVector(x)
+            return self.written[key]
+
+    model = flatbuffer_utils.convert_bytearray_to_object(data)
+    if any(buffer.offset > 1 for buffer in model.buffers):
+        return data
+    builder = SharingBuilder(len(data))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 # The narrowest calibrated range an int8 activation keeps. A dead channel (a 1-filter

@@ -233,10 +233,17 @@ def _tensor_types(data: bytes):
     return ops, list(tensors.values())
 
 
-def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(model, converted):
-    data = tflite.convert(
+@pytest.fixture(scope="module")
+def int8_custom_op(model):
+    return tflite.convert(
         model, "int8", "custom_op", representative_dataset=_calibration_images(6, seed=2)
     )
+
+
+def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(
+    model, converted, int8_custom_op
+):
+    data = int8_custom_op
     ops, tensors = _tensor_types(data)
     convs = [op for op in ops if op[0] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     assert convs and all(inputs[0] == "int8" for _, inputs, _ in convs)
@@ -261,6 +268,26 @@ def test_int8_quantises_the_network_and_keeps_the_postprocessing_float(model, co
                 int8_det["detection_boxes"][0, :n] - float_det["detection_boxes"][0, i]
             )
             assert corners[same].max(-1).min(initial=1) < 0.1, i
+
+
+def test_int8_file_writes_equal_vectors_once(int8_custom_op):
+    """The per-channel zero points (all 0, int64) are written once per length, not once per
+    tensor: the file is smaller than TFLite's own serialisation of the same model and runs
+    to the same outputs."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    data = int8_custom_op
+    plain = bytes(
+        flatbuffer_utils.convert_object_to_bytearray(
+            flatbuffer_utils.convert_bytearray_to_object(data)
+        )
+    )
+    assert len(data) < 0.9 * len(plain), (len(data), len(plain))
+    for image in _calibration_images(2, seed=7):
+        shared, unshared = _run(data, image), _run(plain, image)
+        for name, value in unshared.items():
+            np.testing.assert_array_equal(shared[name], value, err_msg=name)
+    assert tflite.share_vectors(data) == data  # nothing left to share
 
 
 def _constant_bytes(data: bytes) -> int:
