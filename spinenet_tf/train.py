@@ -92,6 +92,15 @@ def main(argv):
         print(next_steps(FLAGS.model_dir, FLAGS.gin_file, FLAGS.gin_param, config), flush=True)
 
 
+def _shell_word(arg: str) -> str:
+    """`arg` as a shell word that reads well: bare when safe, in double quotes when it holds
+    only single quotes and spaces to protect (gin strings), else shlex's single quotes."""
+    quoted = shlex.quote(arg)
+    if quoted == arg or any(c in arg for c in '"$`\\!'):
+        return quoted
+    return f'"{arg}"'
+
+
 def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
     """What to run after training, for this run: export, predict, TensorBoard."""
     name = os.path.basename(os.path.normpath(model_dir)) or "model"
@@ -99,8 +108,8 @@ def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
     python = os.path.relpath(sys.executable) if ".venv" in sys.executable else "python"
     # Shell-quoted, so that a binding holding quotes (e.g. name='adam') pastes back intact.
     model_flags = " ".join(
-        [shlex.quote(f"--gin_file={f}") for f in gin_files]
-        + [shlex.quote(f"--gin_param={p}") for p in gin_params]
+        [_shell_word(f"--gin_file={f}") for f in gin_files]
+        + [_shell_word(f"--gin_param={p}") for p in gin_params]
     )
     if config.synthetic_data_dir:
         images = config.task.synthetic_data(
@@ -109,14 +118,13 @@ def next_steps(model_dir: str, gin_files, gin_params, config) -> str:
     else:
         images = "YOUR_IMAGES/*.jpg"
     predictions = os.path.join(model_dir, "predictions")
+    export_dir = shlex.quote(f"exports/{name}")
     return "\n".join(
         [
             "Next:",
             f"  export:      {python} -m spinenet_tf.export {model_flags} \\",
-            f"                 --checkpoint={shlex.quote(model_dir)} "
-            f"--export_dir={shlex.quote(f'exports/{name}')}",
-            f"  predict:     {python} -m spinenet_tf.predict "
-            f"--saved_model={shlex.quote(f'exports/{name}')} \\",
+            f"                 --checkpoint={shlex.quote(model_dir)} --export_dir={export_dir}",
+            f"  predict:     {python} -m spinenet_tf.predict --saved_model={export_dir} \\",
             f"                 --images={shlex.quote(images)} "
             f"--output_dir={shlex.quote(predictions)}",
             f"  TensorBoard: tensorboard --logdir={shlex.quote(model_dir)}",

@@ -186,8 +186,8 @@ class ClassifierServing(ImageServing):
     """Images in, classes out, for a `Classifier`: the computation an export serves.
 
     Preprocessing is the evaluation parser's: the centre crop of center_crop_fraction (the
-    task's; 0.875 by default) of the shorter side,
-    normalised and resized (bilinear) to the model's input. Every input method returns
+    task's; 0.875 by default) of the shorter side, normalised and resized (bilinear) to the
+    model's input. Every input method returns
     {"logits" [B, K], "probabilities" [B, K], "top_k_classes" [B, k] int32, "top_k_scores"
     [B, k]} and, with a label map, "top_k_class_names" [B, k] string.
     """

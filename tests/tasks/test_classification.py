@@ -92,10 +92,10 @@ def test_serving_crops_as_the_task_evaluates(data):
     """The export's preprocessing takes the task's centre crop fraction, as its evaluation
     parser does (the classification quickstart evaluates on the whole centred square)."""
     image = tf.constant(np.random.default_rng(1).integers(0, 255, (1, 30, 40, 3)), tf.uint8)
+    model = ClassificationTask().build_model(_config(data))  # the crop is not the model's
     for fraction, (top, left, side) in [(1.0, (0, 5, 30)), (0.875, (2, 7, 26))]:
         task = ClassificationTask(center_crop_fraction=fraction)
         config = _config(data, task=task)
-        model = task.build_model(config)
         served, _ = task.serving_module(model).preprocess(image)
         parse = task.parser(model, config, training=False)
         parsed, _ = parse({"image": image[0], "label": 1, "source_id": 3})
