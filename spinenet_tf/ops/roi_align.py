@@ -139,7 +139,9 @@ def crop_mask_targets(masks, mask_boxes, rois, output_size: int = 28, sample_off
 
     def axis(lo, hi, size):
         # The ROI's start and length in the mask's pixels (the box spans `size` pixels).
-        per_pixel = size / (mask_boxes[..., hi] - mask_boxes[..., lo] + _EPSILON)
+        # max(), not the reference's + epsilon: Grappler may fold (hi - lo) + 1e-8 into
+        # hi - (lo - 1e-8), which rounds back to 0 for a padding box, and 0 * inf = NaN.
+        per_pixel = size / tf.maximum(mask_boxes[..., hi] - mask_boxes[..., lo], _EPSILON)
         start = (rois[..., lo] - mask_boxes[..., lo]) * per_pixel + MASK_PAD
         return _grid(start, (rois[..., hi] - rois[..., lo]) * per_pixel, output_size, sample_offset)
 

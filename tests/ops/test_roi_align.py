@@ -137,3 +137,13 @@ def test_roi_align_compiles_with_xla_and_has_gradients(dtype, rng):
     out, grads = run(features)
     assert out.shape == (1, 2, 7, 7, 4) and out.dtype == dtype
     assert float(tf.reduce_sum(tf.cast(grads["P3"], tf.float32))) > 0
+
+
+def test_mask_targets_of_padding_boxes_are_zero_in_a_graph():
+    # Grappler once turned the reference's (h + 1e-8) into inf for a 0-height padding box.
+    crop = tf.function(crop_mask_targets)(
+        np.ones((1, 1, 8, 8), np.float32),
+        np.full((1, 1, 4), -1.0, np.float32),
+        np.array([[[10.0, 20.0, 50.0, 70.0]]], np.float32),
+    )
+    np.testing.assert_array_equal(crop, 0.0)
