@@ -163,12 +163,17 @@ def model_garden_retinanet_config(
     image_size: int,
     head_num_convs: int | None = None,
     head_num_filters: int | None = None,
+    min_level: int = 3,
+    max_level: int = 7,
     **detection,
 ):
     """Model Garden's RetinaNet model config for one of our model ids, configured like ours.
 
-    `detection` overrides fields of Model Garden's DetectionGenerator config
-    (pre_nms_top_k, pre_nms_score_threshold, nms_iou_threshold, max_num_detections, ...).
+    `min_level` / `max_level`: the backbone's output levels and the head's (Model Garden's
+    SpineNet takes its block list from spinenet.SPINENET_BLOCK_SPECS only; a test with
+    other blocks patches that list). `detection` overrides fields of Model Garden's
+    DetectionGenerator config (pre_nms_top_k, pre_nms_score_threshold, nms_iou_threshold,
+    max_num_detections, ...).
     """
     from official.vision.configs import backbones as mg_backbones
     from official.vision.configs import common as mg_common
@@ -179,14 +184,21 @@ def model_garden_retinanet_config(
     if scaling.family == "mobile":
         backbone = mg_backbones.Backbone(
             type="spinenet_mobile",
-            spinenet_mobile=mg_backbones.SpineNetMobile(model_id=model_id.split("-", 1)[1]),
+            spinenet_mobile=mg_backbones.SpineNetMobile(
+                model_id=model_id.split("-", 1)[1], min_level=min_level, max_level=max_level
+            ),
         )
     else:
         backbone = mg_backbones.Backbone(
-            type="spinenet", spinenet=mg_backbones.SpineNet(model_id=model_id)
+            type="spinenet",
+            spinenet=mg_backbones.SpineNet(
+                model_id=model_id, min_level=min_level, max_level=max_level
+            ),
         )
     return mg_retinanet.RetinaNet(
         num_classes=num_classes,
+        min_level=min_level,
+        max_level=max_level,
         input_size=[image_size, image_size, 3],
         anchor=mg_retinanet.Anchor(
             num_scales=3, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=scaling.anchor_size

@@ -49,7 +49,10 @@ def export_saved_model(
     for name in input_types:
         fn, spec = endpoints[name]
         archive.add_endpoint(name, fn, input_signature=[spec])
-    archive.write_out(export_dir, verbose=False)
+    # Serving needs no gradients: not tracing the ops' gradient functions into the SavedModel
+    # saves 1-2 s of 11 on a tiny RetinaNet (more on larger graphs).
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    archive.write_out(export_dir, options=options, verbose=False)
     extra = os.path.join(export_dir, "assets.extra")
     tf.io.gfile.makedirs(extra)
     # Which task's outputs these are, for `predict` (to draw and record them).

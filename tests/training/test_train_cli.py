@@ -16,13 +16,12 @@ import tensorflow as tf
 
 from spinenet_tf.tasks import ClassificationTask, RetinaNetTask
 from spinenet_tf.training import gin_bindings
-from tests.conftest import HEAVY_MEMORY, tiny_experiment
+from tests.conftest import HEAVY_MEMORY, TINY_DETECTOR, tiny_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_PARAMS = [
     "ExperimentConfig.image_size = 64",
-    "ExperimentConfig.model_overrides = {'filter_size_scale': 0.25, "
-    "'endpoints_num_filters': 16, 'head_num_filters': 16, 'head_num_convs': 1}",
+    f"ExperimentConfig.model_overrides = {TINY_DETECTOR!r}",
     "ExperimentConfig.synthetic_data_args = {'num_train': 16, 'num_val': 4, 'image_size': 64}",
     "train/DataConfig.global_batch_size = 4",
     "eval/DataConfig.global_batch_size = 4",

@@ -15,7 +15,7 @@ from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.serving.load import load_model
 from spinenet_tf.tasks import ImageServing, Task, model_settings
 from spinenet_tf.training import gin_bindings
-from tests.conftest import TINY
+from tests.conftest import FIVE_BLOCKS, TINY
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,9 +27,7 @@ class BoxCountTask(Task):
         backbone = build_backbone(
             config.model_id,
             input_shape=(size, size, 3),
-            min_level=3,
-            max_level=5,
-            **model_settings(config),
+            **{"min_level": 3, "max_level": 5, **model_settings(config)},
         )
         image = keras.Input((size, size, 3), name="image")
         features = backbone(image)
@@ -113,7 +111,7 @@ def test_a_task_of_its_own_trains_evaluates_and_exports(shapes_records, tmp_path
                 "ExperimentConfig.task = @BoxCountTask()",
                 "ExperimentConfig.model_id = '49S'",
                 "ExperimentConfig.image_size = 64",
-                f"ExperimentConfig.model_overrides = {dict(TINY)!r}",
+                f"ExperimentConfig.model_overrides = {dict(TINY, **FIVE_BLOCKS)!r}",
                 "ExperimentConfig.train = @train/DataConfig()",
                 "ExperimentConfig.eval = @eval/DataConfig()",
                 f"train/DataConfig.source = '{shapes_records['train']}'",
