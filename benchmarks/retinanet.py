@@ -29,7 +29,8 @@ import tensorflow as tf  # noqa: E402
 from backbone import base_parser, median_seconds, train_step_fn  # noqa: E402
 
 from spinenet_tf.convert.model_garden import build_model_garden_retinanet  # noqa: E402
-from spinenet_tf.models.retinanet import _flatten, build_retinanet  # noqa: E402
+from spinenet_tf.models.base import flatten_levels
+from spinenet_tf.models.retinanet import build_retinanet  # noqa: E402
 from spinenet_tf.ops.postprocess import DetectionConfig  # noqa: E402
 from spinenet_tf.ops.targets import retinanet_losses  # noqa: E402
 
@@ -110,8 +111,10 @@ def bench(model_id: str, size: int, iters: int, policies) -> dict:
 
     def mg_loss(x):
         out = mg(x, training=True)
-        logits = _flatten({f"P{lv}": out["cls_outputs"][str(lv)] for lv in levels}, NUM_CLASSES)
-        deltas = _flatten({f"P{lv}": out["box_outputs"][str(lv)] for lv in levels}, 4)
+        logits = flatten_levels(
+            {f"P{lv}": out["cls_outputs"][str(lv)] for lv in levels}, NUM_CLASSES
+        )
+        deltas = flatten_levels({f"P{lv}": out["box_outputs"][str(lv)] for lv in levels}, 4)
         return retinanet_losses(logits, deltas, targets)["total_loss"]
 
     def ours_loss(x):

@@ -81,6 +81,7 @@ COSTLIEST_FIRST = (
     "tests/models/test_spinenet.py",  # 55
     "tests/training/test_train_cli.py",  # 50
     "tests/models/test_classifier.py",  # 41
+    "tests/models/test_maskrcnn.py",  # 37
     "tests/training/test_trainer.py",  # 34
     "tests/training/test_model_garden_training.py",  # 31
     "tests/test_custom_data.py",  # 30

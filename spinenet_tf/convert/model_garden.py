@@ -329,3 +329,50 @@ def model_garden_retinanet_labels(task, groundtruth) -> dict:
         "cls_weights": tf.stack([p[2] for p in per_image]),
         "box_weights": tf.stack([p[3] for p in per_image]),
     }
+
+
+def build_model_garden_maskrcnn(
+    model_id: str,
+    num_classes: int,
+    image_size: int,
+    head_num_filters: int = 256,
+    head_fc_dims: int = 1024,
+    activation: str = "relu",
+):
+    """Model Garden's Mask R-CNN-SpineNet (its factory's `maskrcnn_spinenet_coco` model: 3
+    anchors a location of size 3, identity decoder, 4 convs + 1 FC in the box head), with
+    every variable created: the heads are called once on zeros, in the order of the forward
+    pass."""
+    import tensorflow as tf
+    import tf_keras
+    from official.vision.configs import backbones as mg_backbones
+    from official.vision.configs import common as mg_common
+    from official.vision.configs import decoders as mg_decoders
+    from official.vision.configs import maskrcnn as mg_maskrcnn
+    from official.vision.modeling import factory as mg_factory
+
+    filters = head_num_filters
+    config = mg_maskrcnn.MaskRCNN(
+        num_classes=num_classes,
+        input_size=[image_size, image_size, 3],
+        min_level=3,
+        max_level=7,
+        anchor=mg_maskrcnn.Anchor(num_scales=1, aspect_ratios=[0.5, 1.0, 2.0], anchor_size=3),
+        backbone=mg_backbones.Backbone(
+            type="spinenet", spinenet=mg_backbones.SpineNet(model_id=model_id)
+        ),
+        decoder=mg_decoders.Decoder(type="identity"),
+        rpn_head=mg_maskrcnn.RPNHead(num_filters=filters),
+        detection_head=mg_maskrcnn.DetectionHead(num_filters=filters, fc_dims=head_fc_dims),
+        mask_head=mg_maskrcnn.MaskHead(num_filters=filters),
+        norm_activation=mg_common.NormActivation(activation=activation),
+        include_mask=True,
+    )
+    input_specs = tf_keras.layers.InputSpec(shape=[None, image_size, image_size, 3])
+    model = mg_factory.build_maskrcnn(input_specs, config)
+    channels = model.backbone.output_specs["3"][-1]
+    if not model.rpn_head.weights:  # the factory calls it only with a non-identity decoder
+        model.rpn_head({str(level): tf.zeros([1, 2, 2, channels]) for level in range(3, 8)})
+    model.detection_head[0](tf.zeros([1, 1, 7, 7, channels]))
+    model.mask_head([tf.zeros([1, 1, 14, 14, channels]), tf.zeros([1, 1], tf.int32)])
+    return model

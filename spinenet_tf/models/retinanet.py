@@ -6,12 +6,18 @@ import dataclasses
 import inspect
 
 import keras
-from keras import ops
 
 from spinenet_tf import specs as specs_lib
-from spinenet_tf.models.base import BackboneAndHead, image_hw
+from spinenet_tf.models.base import (
+    BackboneAndHead,
+    as_dataclass,
+    backbone_anchors,
+    flatten_levels,
+    image_hw,
+    split_overrides,
+)
 from spinenet_tf.models.heads import RetinaNetHead
-from spinenet_tf.models.spinenet import BACKBONE_ARGS, SpineNet, build_backbone
+from spinenet_tf.models.spinenet import SpineNet, build_backbone
 from spinenet_tf.ops.anchors import AnchorConfig
 from spinenet_tf.ops.postprocess import DetectionConfig, generate_detections
 from spinenet_tf.ops.targets import AnchorLabeler, LossConfig, MatchingConfig, retinanet_losses
@@ -54,17 +60,10 @@ class RetinaNet(BackboneAndHead):
         if isinstance(backbone, dict):
             backbone = keras.saving.deserialize_keras_object(backbone)
         image_size = image_hw(image_size)
-        anchor = _dataclass(
-            AnchorConfig, anchor, min_level=backbone.min_level, max_level=backbone.max_level
-        )
-        if (anchor.min_level, anchor.max_level) != (backbone.min_level, backbone.max_level):
-            raise ValueError(
-                f"anchor levels {anchor.min_level}-{anchor.max_level} differ from the "
-                f"backbone's {backbone.min_level}-{backbone.max_level}"
-            )
-        detection = _dataclass(DetectionConfig, detection)
-        matching = _dataclass(MatchingConfig, matching)
-        loss = _dataclass(LossConfig, loss)
+        anchor = backbone_anchors(backbone, anchor)
+        detection = as_dataclass(DetectionConfig, detection)
+        matching = as_dataclass(MatchingConfig, matching)
+        loss = as_dataclass(LossConfig, loss)
         config = {
             k: v
             for k, v in locals().items()
@@ -87,8 +86,8 @@ class RetinaNet(BackboneAndHead):
         image = keras.Input(shape=(*image_size, 3), name="image")
         class_logits, box_deltas = head(backbone(image))
         outputs = {
-            "class_logits": _flatten(class_logits, num_classes),
-            "box_deltas": _flatten(box_deltas, 4),
+            "class_logits": flatten_levels(class_logits, num_classes),
+            "box_deltas": flatten_levels(box_deltas, 4),
         }
         super().__init__(inputs=image, outputs=outputs, **kwargs)
         self.backbone = backbone
@@ -141,32 +140,7 @@ class RetinaNet(BackboneAndHead):
         return self.detect(outputs)
 
 
-def _dataclass(cls, value, **defaults):
-    if isinstance(value, cls):
-        return value
-    return cls(**{**defaults, **(value or {})})
-
-
-def _flatten(per_level: dict, channels: int):
-    """[B, H, W, A * C] per level -> [B, sum(H * W * A), C], in anchor order."""
-    flat = []
-    for key in sorted(per_level, key=lambda k: int(k[1:])):
-        x = per_level[key]
-        h, w, c = x.shape[1:]
-        flat.append(ops.reshape(x, (-1, h * w * (c // channels), channels)))
-    return ops.concatenate(flat, axis=1)
-
-
 WEIGHT_DECAY = 4e-5
-# What build_retinanet's overrides may set on the RetinaNet (num_classes and image_size are
-# its own arguments).
-_RETINANET_ARGS = set(inspect.signature(RetinaNet.__init__).parameters) - {
-    "self",
-    "kwargs",
-    "backbone",
-    "num_classes",
-    "image_size",
-}
 
 
 def build_retinanet(
@@ -186,18 +160,10 @@ def build_retinanet(
     L2(weight_decay / 2), whose gradient is weight_decay * w (Model Garden's
     l2(weight_decay / 2)), unless `kernel_regularizer` is given.
     """
-    if weight_decay:
-        overrides.setdefault("kernel_regularizer", keras.regularizers.L2(weight_decay / 2))
+    head_args, overrides = split_overrides(overrides, RetinaNet, weight_decay)
     scaling = specs_lib.get_scaling(model_id)
     image_size = image_hw(image_size or specs_lib.PAPER_IMAGE_SIZES[scaling.model_id])
-    head_args = {k: overrides.pop(k) for k in list(overrides) if k in _RETINANET_ARGS}
-    name = overrides.pop("name", f"retinanet_{model_id.lower().replace('-', '_')}")
-    unknown = sorted(set(overrides) - BACKBONE_ARGS)
-    if unknown:
-        raise ValueError(
-            f"unknown model setting(s) {unknown}; RetinaNet takes {sorted(_RETINANET_ARGS)} "
-            f"and the backbone {sorted(BACKBONE_ARGS)}"
-        )
+    name = head_args.pop("name", f"retinanet_{model_id.lower().replace('-', '_')}")
     backbone = build_backbone(scaling, input_shape=(*image_size, 3), **overrides)
     anchor = head_args.pop("anchor", None)
     if not isinstance(anchor, AnchorConfig):

@@ -86,8 +86,47 @@ def generate_detections(
     class_logits = tf.cast(class_logits, tf.float32)[:, :, 1:]
     num_fg = class_logits.shape[2]
     boxes, scores, classes = _candidates(class_logits, box_deltas, anchors, level_sizes, config)
-    boxes = _clip(boxes, image_hw, valid_hw)
-    kept_boxes, kept_scores, kept_classes, num = _suppress(boxes, scores, classes, num_fg, config)
+    boxes = clip_boxes(boxes, image_hw, valid_hw)
+    return _detections(*_suppress(boxes, scores, classes, num_fg, config), config)
+
+
+def class_specific_detections(boxes, scores, config: DetectionConfig = DetectionConfig()) -> dict:
+    """Detections from per-class boxes [B, N, K, 4] (decoded, clipped) and scores [B, N, K]
+    of the K foreground classes (a two-stage detector's second stage): each class's top
+    `pre_nms_top_k` boxes, score > score_threshold, greedy NMS within the class (as Model
+    Garden's v2 decoder); returns what `generate_detections` does, classes 1-based."""
+    config = dataclasses.replace(config, pre_nms="per_class", class_agnostic=False)
+    num_boxes, num_fg = scores.shape[1], scores.shape[2]
+    top, box_idx, classes = _top_k_per_class(
+        tf.cast(scores, tf.float32), num_boxes, config.pre_nms_top_k
+    )
+    # Class-major [B, K * N, 4], so that (class, box) is one flat index.
+    by_class = tf.reshape(tf.transpose(boxes, [0, 2, 1, 3]), [-1, num_fg * num_boxes, 4])
+    picked = tf.gather(by_class, (classes - 1) * num_boxes + box_idx, batch_dims=1)
+    return _detections(*_suppress(picked, top, classes, num_fg, config), config)
+
+
+def non_max_suppression_padded(
+    boxes, scores, max_output_size: int, iou_threshold: float, groups=None
+):
+    """Greedy NMS of boxes [B, M, 4] by scores [B, M] with static shapes: the indices
+    [B, max_output_size] of the kept boxes, best first, and their mask [B, max_output_size].
+
+    A box is suppressed by a kept box of its own group (groups [B, M] int; None: one group)
+    with IoU >= iou_threshold; boxes scoring -inf are never kept.
+    """
+    config = DetectionConfig(
+        max_detections=max_output_size,
+        iou_threshold=iou_threshold,
+        score_threshold=-np.inf,
+        class_agnostic=groups is None,
+    )
+    groups = tf.zeros_like(scores, tf.int32) if groups is None else groups
+    return _greedy_nms(boxes, scores, groups, config)
+
+
+def _detections(kept_boxes, kept_scores, kept_classes, num, config: DetectionConfig) -> dict:
+    """The detections dict of NMS output; rows past num_detections zeroed."""
     valid = tf.range(config.max_detections)[None, :] < num[:, None]
     valid_f = tf.cast(valid, tf.float32)
     return {
@@ -111,7 +150,7 @@ def _candidates(class_logits, box_deltas, anchors, level_sizes, config):
             class_logits, sum(level_sizes), config.pre_nms_top_k
         )
     else:
-        logits, anchor_idx, classes = _top_k_per_level(
+        logits, anchor_idx, classes = top_k_per_level(
             class_logits, level_sizes, config.pre_nms_top_k
         )
     boxes = decode_boxes(
@@ -120,7 +159,7 @@ def _candidates(class_logits, box_deltas, anchors, level_sizes, config):
     return boxes, tf.sigmoid(logits), classes
 
 
-def _clip(boxes, image_hw, valid_hw):
+def clip_boxes(boxes, image_hw, valid_hw=None):
     """Boxes [B, C, 4] clipped to the input (image_hw) and, when given, to each image's own
     area valid_hw [B, 2]."""
     hw = tf.constant([float(image_hw[0]), float(image_hw[1])])
@@ -148,7 +187,7 @@ def _suppress(boxes, scores, classes, num_fg, config):
     )
 
 
-def _top_k_per_level(logits, level_sizes, k):
+def top_k_per_level(logits, level_sizes, k):
     """Each level's top k (anchor, class) pairs, ordered by class, then anchor: logits, anchor
     indices, classes [B, M]."""
     batch, num_fg = tf.shape(logits)[0], logits.shape[-1]

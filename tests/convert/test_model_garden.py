@@ -146,7 +146,8 @@ def _check_retinanet_parity(model_id, rng, detections=True):
     import tensorflow as tf
 
     from spinenet_tf.convert.model_garden import build_model_garden_retinanet
-    from spinenet_tf.models.retinanet import _flatten, build_retinanet
+    from spinenet_tf.models.base import flatten_levels
+    from spinenet_tf.models.retinanet import build_retinanet
     from spinenet_tf.ops.postprocess import DetectionConfig
 
     size, num_classes = 128, 5
@@ -176,10 +177,12 @@ def _check_retinanet_parity(model_id, rng, detections=True):
     ours = target(images, training=False)
     levels = range(3, 8)
     expected = {
-        "class_logits": _flatten(
+        "class_logits": flatten_levels(
             {f"P{lv}": theirs["cls_outputs"][str(lv)] for lv in levels}, num_classes
         ),
-        "box_deltas": _flatten({f"P{lv}": theirs["box_outputs"][str(lv)] for lv in levels}, 4),
+        "box_deltas": flatten_levels(
+            {f"P{lv}": theirs["box_outputs"][str(lv)] for lv in levels}, 4
+        ),
     }
     for key in expected:
         assert relative_max_diff(ours[key], expected[key]) <= 1e-4, key
