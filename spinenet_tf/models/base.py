@@ -76,9 +76,9 @@ def split_overrides(overrides: dict, model_cls, weight_decay: float) -> tuple[di
     return model_args, overrides
 
 
-class BackboneAndHead(keras.Model):
-    """A functional model of `self.backbone` and a head. Subclasses keep their constructor's
-    arguments but the backbone in `self._model_config` (get_config adds the backbone,
+class BackboneModel:
+    """What the task models share, beside keras.Model: they keep their constructor's
+    arguments but the backbone in `self._model_config` (get_config adds `self.backbone`,
     serialised) and turn raw outputs into predictions in `postprocess` (model.predict)."""
 
     _model_config: dict
@@ -107,3 +107,13 @@ class BackboneAndHead(keras.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+class BackboneAndHead(BackboneModel, keras.Model):
+    """A functional model of `self.backbone` and a head (RetinaNet, Classifier).
+
+    The first functional build of a keras.Model subclass rewrites the bases of its classes,
+    this one included, from keras.Model to Functional (Keras's
+    inject_functional_model_class), so a model built by subclassing (MaskRCNN) takes
+    BackboneModel beside keras.Model instead: as a subclass of this class it would fail in
+    any process that had built a RetinaNet first."""

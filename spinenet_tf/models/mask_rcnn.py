@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from spinenet_tf import specs as specs_lib
 from spinenet_tf.models.base import (
-    BackboneAndHead,
+    BackboneModel,
     as_dataclass,
     backbone_anchors,
     flatten_levels,
@@ -44,7 +44,7 @@ _CONFIGS = {
 
 
 @keras.saving.register_keras_serializable(package="spinenet_tf")
-class MaskRCNN(BackboneAndHead):
+class MaskRCNN(BackboneModel, keras.Model):
     """A two-stage instance segmenter on a fixed input size, static shapes throughout.
 
     Inference (`model(images)`, `model.predict`) returns {"boxes": [B, D, 4] input pixels,

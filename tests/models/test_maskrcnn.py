@@ -95,6 +95,10 @@ def _data(batch=2):
 
 
 def test_predict_detects_with_masks_and_the_config_round_trips(tmp_path):
+    # A functional model first, as in a process that has built a RetinaNet: Keras then
+    # rewrites the bases of the functional model's classes (BackboneAndHead), which
+    # MaskRCNN, a subclassed model, must not inherit from.
+    spinenet_tf.build_retinanet("49S", 3, 64, **TINY, **FIVE_BLOCKS, head_num_convs=1)
     model = _tiny(detection={"max_detections": 20}, sampler={"num_samples": 256})
     images, _ = _data()
     detections = model.predict(images, verbose=0)
