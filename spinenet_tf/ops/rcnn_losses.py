@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -32,9 +33,9 @@ class RCNNLossConfig:
 
 
 def _huber(targets, predictions, delta):
-    """Elementwise Huber loss (no mean over the last axis)."""
-    error = tf.abs(targets - predictions)
-    return tf.where(error <= delta, 0.5 * error**2, delta * (error - 0.5 * delta))
+    """Elementwise Huber loss: Keras's, on a trailing axis of one so that it averages
+    nothing away."""
+    return keras.losses.huber(targets[..., None], predictions[..., None], delta=delta)
 
 
 def rpn_losses(scores, deltas, targets: dict, level_sizes, num_samples: int, config):
