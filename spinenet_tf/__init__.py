@@ -25,6 +25,7 @@ _EXPORTS = {
     "build_backbone": "spinenet_tf.models.spinenet",
     "export_saved_model": "spinenet_tf.serving.export",
     "export_tflite": "spinenet_tf.serving.tflite",
+    "MaskRCNNTask": "spinenet_tf.tasks",
     "RetinaNetTask": "spinenet_tf.tasks",
     "Task": "spinenet_tf.tasks",
 }

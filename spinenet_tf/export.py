@@ -127,10 +127,10 @@ def export_tflite_from_flags(task, model, label_map) -> str:
     from spinenet_tf.tasks.retinanet import RetinaNetTask
     from spinenet_tf.training import gin_bindings
 
-    if not isinstance(task, RetinaNetTask):
+    if type(task) is not RetinaNetTask:  # not its subclasses (Mask R-CNN)
         raise app.UsageError(
-            f"--format=tflite exports detectors (RetinaNetTask); this experiment's task is "
-            f"{type(task).__name__}"
+            "--format=tflite exports RetinaNet detectors (RetinaNetTask); this experiment's "
+            f"task is {type(task).__name__}"
         )
     images = None
     if FLAGS.quantization == "int8":

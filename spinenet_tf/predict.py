@@ -39,6 +39,7 @@ from absl import logging as absl_logging  # noqa: E402
 from spinenet_tf.data.label_map import read_label_map  # noqa: E402
 from spinenet_tf.serving import cli  # noqa: E402
 from spinenet_tf.tasks.classification import ClassificationTask  # noqa: E402
+from spinenet_tf.tasks.maskrcnn import MaskRCNNTask  # noqa: E402
 from spinenet_tf.tasks.retinanet import RetinaNetTask  # noqa: E402
 from spinenet_tf.training import gin_bindings  # noqa: E402
 
@@ -112,7 +113,11 @@ def checkpoint_runner(flag_values):
     return (lambda encoded: fn(tf.constant(encoded))), label_map, task
 
 
-BUILT_IN_TASKS = {"RetinaNetTask": RetinaNetTask, "ClassificationTask": ClassificationTask}
+BUILT_IN_TASKS = {
+    "RetinaNetTask": RetinaNetTask,
+    "ClassificationTask": ClassificationTask,
+    "MaskRCNNTask": MaskRCNNTask,
+}
 
 
 def saved_model_task(flag_values, path: str):
@@ -195,7 +200,10 @@ def predict(
             with tf.io.gfile.GFile(os.path.join(output_dir, name + ".png"), "wb") as f:
                 drawn = task.draw_prediction(pixels, prediction, label_map, score_threshold)
                 drawn.save(f, format="PNG")
-            for record in task.prediction_records(prediction, label_map, score_threshold):
+            records = task.prediction_records(
+                prediction, label_map, score_threshold, image_hw=pixels.shape[:2]
+            )
+            for record in records:
                 results.append({"image_id": ids[i], "file_name": path, **record})
             done += 1
         pending.clear()

@@ -9,6 +9,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from spinenet_tf.ops.masks import paste_masks
+
 # Small images are enlarged to at least this many pixels on the long side before drawing,
 # so that boxes and labels are legible (the shapes data is 128 px).
 MIN_DRAW_SIZE = 512
@@ -84,13 +86,17 @@ def draw_detections(
     Args:
         image: uint8 [H, W, 3] array (or PIL image) in the frame of the boxes.
         detections: one image's "boxes" [N, 4] (ymin, xmin, ymax, xmax pixels), "scores" [N],
-            "classes" [N] and optionally "num_detections".
+            "classes" [N] and optionally "num_detections" and "masks" [N, M, M] (each
+            box's mask probabilities, Mask R-CNN's; shaded in the class colour).
         label_map: class id -> name; ids are printed where it has no entry.
         groundtruth: optional {"boxes" [M, 4], "classes" [M]} in the same frame; rows of class
             <= 0 are padding.
         min_size: the image is enlarged (bicubic) to at least this long side first.
     """
     canvas, scale = _canvas(image, min_size)
+    n = int(detections.get("num_detections", len(detections["scores"])))
+    if "masks" in detections:
+        canvas = _shade_masks(canvas, detections, n, scale, score_threshold)
     draw = ImageDraw.Draw(canvas)
     font = _font(max(12, round(max(canvas.size) / 40)))
     labels = _Labels(draw, font, canvas.size)
@@ -110,7 +116,6 @@ def draw_detections(
             draw.rectangle([xmin, ymin, xmax, ymax], outline=(0, 0, 0), width=width + 2)
             draw.rectangle([xmin, ymin, xmax, ymax], outline=GROUNDTRUTH_COLOUR, width=width)
             labels.add(name(int(cls)), xmin, ymax, GROUNDTRUTH_COLOUR, (0, 0, 0))  # at the bottom
-    n = int(detections.get("num_detections", len(detections["scores"])))
     for box, score, cls in zip(
         np.asarray(detections["boxes"])[:n],
         np.asarray(detections["scores"])[:n],
@@ -124,6 +129,24 @@ def draw_detections(
         draw.rectangle([xmin, ymin, xmax, ymax], outline=colour, width=width)
         labels.add(f"{name(int(cls))} {score:.2f}", xmin, ymin, colour, (0, 0, 0))
     return canvas
+
+
+def _shade_masks(canvas, detections, n, scale, score_threshold, opacity=0.45):
+    """The canvas with each kept detection's mask (pasted at its box) blended in its colour."""
+    keep = np.asarray(detections["scores"])[:n] >= score_threshold
+    if not keep.any():
+        return canvas
+    boxes = np.asarray(detections["boxes"], np.float64)[:n][keep] * scale
+    pasted = paste_masks(
+        np.asarray(detections["masks"])[:n][keep], boxes, canvas.height, canvas.width
+    )
+    pixels = np.asarray(canvas, np.float32)
+    for mask, cls in zip(pasted, np.asarray(detections["classes"])[:n][keep], strict=True):
+        on = mask.astype(bool)
+        pixels[on] = (1 - opacity) * pixels[on] + opacity * np.asarray(
+            _colour(int(cls)), np.float32
+        )
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 DETECTION_LEGEND = "white: ground truth    coloured: detections (class score)"

@@ -46,6 +46,18 @@ FIVE_BLOCKS = dict(block_specs=CUSTOM_SPECS, min_level=3, max_level=5)
 # The tiny detector of the tests that train, fit or export RetinaNet: five blocks, a
 # one-conv head of 16 filters.
 TINY_DETECTOR = dict(TINY, head_num_filters=16, head_num_convs=1, **FIVE_BLOCKS)
+# A tiny Mask R-CNN: five blocks (levels 3-5), 16-filter heads of one conv.
+TINY_MASKRCNN = dict(
+    TINY,
+    **FIVE_BLOCKS,
+    rpn_num_filters=16,
+    head_num_convs=1,
+    head_num_filters=16,
+    head_fc_dims=32,
+    mask_num_convs=1,
+    mask_num_filters=16,
+    seed=1,
+)
 
 
 # The start of a script run as a consumer with TensorFlow only: keras, tf_keras and
@@ -65,6 +77,26 @@ class Block(importlib.abc.MetaPathFinder):
             return importlib.machinery.ModuleSpec(name, Missing())
 sys.meta_path.insert(0, Block())
 """
+
+
+def run_tensorflow_only(script: str, tmp_path, *args) -> dict:
+    """Runs TENSORFLOW_ONLY + script (which writes JSON to its last argument) in a fresh
+    process; returns that JSON."""
+    import json
+    import subprocess
+    import sys
+
+    path, out = tmp_path / "consumer.py", tmp_path / "consumer_out.json"
+    path.write_text(TENSORFLOW_ONLY + script)
+    result = subprocess.run(
+        [sys.executable, str(path), *map(str, args), str(out)],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 # The suite runs on two workers (pytest.ini: -n 2), which take tests in collection order:

@@ -9,8 +9,9 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "spinenet_tf"
 # Bottom to top. A module belongs to its longest matching prefix; it may import modules of
 # lower layers, and of its own layer only inside its own entry (ops may use ops, not data).
 LAYERS = [
-    ["spinenet_tf.specs", "spinenet_tf.ops", "spinenet_tf.visualize", "spinenet_tf.console"],
-    ["spinenet_tf.layers", "spinenet_tf.data", "spinenet_tf.evaluation"],
+    ["spinenet_tf.specs", "spinenet_tf.ops", "spinenet_tf.console"],
+    # Drawings paste Mask R-CNN's masks with spinenet_tf.ops.masks.
+    ["spinenet_tf.layers", "spinenet_tf.data", "spinenet_tf.evaluation", "spinenet_tf.visualize"],
     ["spinenet_tf.models"],
     ["spinenet_tf.tasks"],
     ["spinenet_tf.training", "spinenet_tf.convert", "spinenet_tf.tools"],

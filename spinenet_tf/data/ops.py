@@ -24,6 +24,11 @@ def _seed(seed, salt: int):
     return seed + tf.constant([0, salt], tf.int64)
 
 
+def element_seed(seed):
+    """An element's seed [2] int64 as a label (zeros when the pipeline gives none)."""
+    return _seed(seed, 0)
+
+
 def _keep_instances(d: dict, keep) -> dict:
     return {k: (tf.boolean_mask(v, keep) if k in INSTANCE_KEYS else v) for k, v in d.items()}
 
@@ -41,13 +46,33 @@ def random_horizontal_flip(d: dict, seed=None, probability: float = 0.5) -> dict
     return out
 
 
-def crop_masks(d: dict, size: int = 112) -> dict:
-    """Instance masks cut out at their (normalised) boxes and resized to size x size, the form
-    Mask R-CNN's mask targets take; done before resizing so no full-image masks travel on."""
+def crop_masks(d: dict, size: int = 112, binarize: bool = False) -> dict:
+    """Instance masks [n, H, W] of 0 / 1 (the original image's) cut out at their boxes and resized
+    to size x size, bilinear: the form Mask R-CNN's mask targets take (tensorflow/tpu's
+    mask_crop_size 112), so no full-image masks travel on.
+
+    Boxes are normalised, or, once `resize_and_crop` has run (d has image_info), pixels of
+    the output frame, clipped to the crop window: they are mapped back to the original
+    image first, so each crop covers exactly its final box, as the reference parser does.
+    The crops stay soft (float32 in [0, 1], as tensorflow/tpu and Model Garden) unless
+    `binarize` thresholds them at 0.5.
+    """
     masks = tf.cast(d["masks"][..., None], tf.float32)
     n = tf.shape(masks)[0]
-    crops = tf.image.crop_and_resize(masks, d["boxes"], tf.range(n), [size, size])
-    return {**d, "masks": tf.cast(crops[..., 0] >= 0.5, tf.uint8)}
+    boxes = d["boxes"]
+    if "image_info" in d:
+        hw = d["image_info"][0]
+        boxes = boxes_to_original(boxes, d["image_info"]) / tf.concat([hw, hw], 0)
+    crops = tf.image.crop_and_resize(masks, boxes, tf.range(n), [size, size])[..., 0]
+    if binarize:
+        crops = tf.cast(crops >= 0.5, tf.float32)
+    return {**d, "masks": crops}
+
+
+def drop_crowd(d: dict) -> dict:
+    """Drops crowd instances (the reference trains without them; COCO evaluation ignores
+    detections on them)."""
+    return _keep_instances(d, ~d["is_crowd"])
 
 
 def resize_and_crop(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import tensorflow as tf
 
 from spinenet_tf.data import ops
+from spinenet_tf.ops.geometry import scaled_image_hw
 
 
 def detection_parser(
@@ -20,32 +21,42 @@ def detection_parser(
     image_dtype="float32",
     include_masks: bool = False,
     mask_size: int = 112,
+    binarize_masks: bool = False,
+    skip_crowd: bool = False,
+    rcnn_labels: bool = False,
 ) -> Callable:
     """Returns parse(decoded, seed=None) -> (image, labels) for RetinaNet-style detectors.
 
     Training labels: padded ground truth {"boxes" (output pixels), "classes", "is_crowd",
-    "num_instances"} (+ "masks" [M, mask_size, mask_size]) and, when targets_fn is given,
+    "num_instances"} (+ "masks" [M, mask_size, mask_size]: each instance's mask cut out at
+    its final box, soft unless binarize_masks; with rcnn_labels, + "seed" [2] int64, the
+    element's own stateless seed, for samplers on the accelerator that must not depend on
+    which replica draws, and "valid_hw" [2], the image's size inside the padding) and, when
+    targets_fn is given,
     what it returns for the unpadded ground truth: `AnchorLabeler.matches` (compact,
     matching on the host, encoding on the accelerator) or `AnchorLabeler.targets` (all of it).
     Evaluation labels: `ops.groundtruth` (source id, image_info, boxes in original pixels,
     classes, crowd flags, areas). Images are normalised, zero-padded to image_size and cast
-    to image_dtype (bfloat16 for TPUs halves host-to-device traffic).
+    to image_dtype (bfloat16 for TPUs halves host-to-device traffic). skip_crowd drops
+    crowd instances from training labels (Mask R-CNN's reference does).
     """
     image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if training and scale_range[0] > scale_range[1]:
         raise ValueError(f"scale_range {scale_range} must be (low, high) with low <= high")
 
     def parse(d: dict, seed=None):
+        if not include_masks and "masks" in d:
+            d = {k: v for k, v in d.items() if k != "masks"}
+        if training and skip_crowd:
+            d = ops.drop_crowd(d)
         if training and flip:
             d = ops.random_horizontal_flip(d, seed)
-        if include_masks:
-            d = ops.crop_masks(d, mask_size)
-        elif "masks" in d:
-            d = {k: v for k, v in d.items() if k != "masks"}
         if training:
             d = ops.resize_and_crop(d, image_size, scale_range, seed)
         else:  # the exported model's preprocessing; every box kept: COCO scores all of them
             d = ops.fit(d, image_size)
+        if include_masks:  # at the final boxes, so each crop covers its box exactly
+            d = ops.crop_masks(d, mask_size, binarize_masks)
         d = ops.normalize_image(d)
         d = ops.pad_image(d, image_size)
         targets = None
@@ -63,6 +74,9 @@ def detection_parser(
             ("masks",) if include_masks else ()
         )
         labels = {k: d[k] for k in keys}
+        if rcnn_labels:
+            labels["seed"] = ops.element_seed(seed)
+            labels["valid_hw"] = scaled_image_hw(d["image_info"])
         if targets is not None:
             labels.update(targets)
         return image, labels

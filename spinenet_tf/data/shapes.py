@@ -188,7 +188,9 @@ def ensure_dataset(
     """
     root = Path(root)
     records = root / "records"
-    args = json.dumps([num_train, num_val, image_size, seed, num_shards])
+    # "masks": the records hold instance masks (for Mask R-CNN; detection ignores them), so
+    # a dataset generated before they did is regenerated.
+    args = json.dumps([num_train, num_val, image_size, seed, num_shards, "masks"])
     done = records / "DONE"
     out = {split: str(records / f"{split}-*.tfrecord") for split in SPLITS}
     out["val_annotations"] = str(annotation_path(root, "val"))
@@ -204,6 +206,7 @@ def ensure_dataset(
             annotation_path(root, split),
             str(records / split),
             num_shards=num_shards,
+            include_masks=True,
             verbose=False,
         )
     done.write_text(args)

@@ -1,4 +1,5 @@
-"""COCO box evaluation through pycocotools, fed batch by batch with model detections."""
+"""COCO box (and mask) evaluation through pycocotools, fed batch by batch with model
+detections."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from spinenet_tf.ops.geometry import boxes_to_original
+from spinenet_tf.ops.masks import encode_rle, paste_masks
 
 METRIC_NAMES = (
     "AP",
@@ -43,10 +45,22 @@ class CocoEvaluator:
     Class ids are the dataset's category ids (the TFRecord labels), so results are in COCO's
     own ids. Ground truth comes from `annotation_file` when given, otherwise it is rebuilt
     from the evaluation labels of `detection_parser(training=False)`.
+
+    With include_masks, detections carry "masks" [B, D, M, M] (box-relative probabilities,
+    as Mask R-CNN predicts them): each is pasted into its original image
+    (`ops.masks.paste_masks`), RLE-encoded, and scored too; the mask metrics are
+    named mask_AP, mask_AP50, ... beside the box metrics. Mask ground truth needs the
+    annotation file (its segmentations).
     """
 
-    def __init__(self, annotation_file: str | None = None):
+    def __init__(self, annotation_file: str | None = None, include_masks: bool = False):
         self.annotation_file = annotation_file or None
+        if include_masks and not self.annotation_file:
+            raise ValueError(
+                "mask evaluation needs an annotation file with segmentations "
+                "(DataConfig.annotation_file of the evaluation data)"
+            )
+        self.include_masks = include_masks
         self.reset()
 
     def reset(self):
@@ -77,6 +91,12 @@ class CocoEvaluator:
                         "score": round(float(score), 5),
                     }
                 )
+            if self.include_masks and n:
+                # Pasted at the unclipped boxes: the mask covers the box the head saw.
+                unclipped = boxes_to_original(d["boxes"][i, :n], info).numpy()
+                pasted = paste_masks(d["masks"][i, :n], unclipped, int(height), int(width))
+                for det, rle in zip(self.detections[-n:], encode_rle(pasted), strict=True):
+                    det["segmentation"] = rle
             self.images[source_id] = {"id": int(source_id), "height": height, "width": width}
             if self.annotation_file is None:
                 valid = g["classes"][i] > 0
@@ -117,7 +137,8 @@ class CocoEvaluator:
         return coco
 
     def result(self) -> dict[str, float]:
-        """The 12 COCO box metrics, over the images seen since the last reset."""
+        """The 12 COCO box metrics (and, with masks, the 12 mask metrics, mask_*) over the
+        images seen since the last reset."""
         gt = self._groundtruth()
         unknown = set(self.images) - set(gt.getImgIds())
         if unknown:
@@ -125,16 +146,30 @@ class CocoEvaluator:
                 f"{len(unknown)} evaluated image id(s) are not in {self.annotation_file}, "
                 f"e.g. {sorted(unknown)[:3]}"
             )
+        kinds = [("bbox", "")] + ([("segm", "mask_")] if self.include_masks else [])
         if not self.detections:
-            return dict.fromkeys(METRIC_NAMES, 0.0)
-        with contextlib.redirect_stdout(io.StringIO()):
-            dt = gt.loadRes(self.detections)
-            evaluator = COCOeval(gt, dt, iouType="bbox")
-            evaluator.params.imgIds = sorted(self.images)
-            evaluator.evaluate()
-            evaluator.accumulate()
-            evaluator.summarize()
-        return {k: float(v) for k, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+            return {p + k: 0.0 for _, p in kinds for k in METRIC_NAMES}
+        out = {}
+        for iou_type, prefix in kinds:
+            with contextlib.redirect_stdout(io.StringIO()):
+                # loadRes of segmentations recomputes each bbox from its mask: box AP is
+                # scored on detections without them.
+                if iou_type == "bbox":
+                    dets = [
+                        {k: v for k, v in d.items() if k != "segmentation"} for d in self.detections
+                    ]
+                else:
+                    dets = self.detections
+                dt = gt.loadRes(dets)
+                evaluator = COCOeval(gt, dt, iouType=iou_type)
+                evaluator.params.imgIds = sorted(self.images)
+                evaluator.evaluate()
+                evaluator.accumulate()
+                evaluator.summarize()
+            out.update(
+                {prefix + k: float(v) for k, v in zip(METRIC_NAMES, evaluator.stats, strict=True)}
+            )
+        return out
 
     def write_detections(self, path):
         with tf.io.gfile.GFile(path, "w") as f:

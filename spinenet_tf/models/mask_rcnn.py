@@ -29,6 +29,7 @@ from spinenet_tf.ops.rcnn_targets import (
     RPNTargetConfig,
     mask_targets,
     rpn_targets,
+    salted,
     sample_rois,
 )
 from spinenet_tf.ops.roi_align import multilevel_roi_align
@@ -47,13 +48,15 @@ _CONFIGS = {
 class MaskRCNN(BackboneModel, keras.Model):
     """A two-stage instance segmenter on a fixed input size, static shapes throughout.
 
-    Inference (`model(images)`, `model.predict`) returns {"boxes": [B, D, 4] input pixels,
-    "scores": [B, D], "classes": [B, D] (1-based), "num_detections": [B], "masks": [B, D,
-    28, 28] probabilities inside each box}, D = detection.max_detections.
+    Inference (`model(images)`, `model.predict`, or `model({"images", "valid_hw": [B, 2]
+    each image's height and width inside the padded input})`) returns {"boxes": [B, D, 4]
+    input pixels, "scores": [B, D], "classes": [B, D] (1-based), "num_detections": [B],
+    "masks": [B, D, 28, 28] probabilities inside each box}, D = detection.max_detections.
 
     Training (`model(inputs, training=True)`) takes inputs {"images", "boxes": [B, M, 4]
     input pixels, "classes": [B, M] (-1 pads), "masks": [B, M, h, w] each box's mask
-    cropped to its box, optionally prebuilt RPN targets (`rpn_targets`)} and returns what
+    cropped to its box, optionally prebuilt RPN targets (`rpn_targets`) and per-image
+    sampling seeds "seed" [B, 2]} and returns what
     `losses_from` needs: RPN outputs and targets, the sampled ROIs' class / box outputs and
     targets, mask logits and targets. `fit` takes (images, ground truth dict).
 
@@ -157,12 +160,16 @@ class MaskRCNN(BackboneModel, keras.Model):
         return tf.cast(self.seed_generator.next(), tf.int64)
 
     def call(self, inputs, training=None):
-        ground_truth = inputs if isinstance(inputs, dict) else None
-        if training and ground_truth is None:
+        ground_truth = inputs if isinstance(inputs, dict) else {}
+        if training and "boxes" not in ground_truth:
             raise ValueError(
-                "training needs inputs {'images', 'boxes', 'classes', 'masks'}, got images"
+                "training needs inputs {'images', 'boxes', 'classes', 'masks'}, got "
+                + (f"a dict of {sorted(ground_truth)}" if ground_truth else "images")
             )
-        images = inputs["images"] if ground_truth is not None else inputs
+        images = ground_truth["images"] if ground_truth else inputs
+        # Each image's own (height, width) inside the padded input, if given: proposals and
+        # detections are clipped to it, not to the padding.
+        valid_hw = ground_truth.get("valid_hw")
         features = self.backbone(images, training=training)
         scores, deltas = self.rpn_head(features, training=training)
         rpn = {
@@ -179,13 +186,18 @@ class MaskRCNN(BackboneModel, keras.Model):
             pre_nms_top_k,
             num_proposals,
             self.proposal_config.iou_threshold,
+            valid_hw=valid_hw,
         )
         if training:
             return {**rpn, **self._train_heads(features, rois, ground_truth, training)}
-        return self._detect(features, rois)
+        return self._detect(features, rois, valid_hw)
 
     def _train_heads(self, features, rois, gt, training):
         out = {}
+        if "seed" in gt:  # per image, from the data pipeline: the same draws on any replica
+            rpn_seed, sampler_seed = salted(gt["seed"], 1), salted(gt["seed"], 2)
+        else:
+            rpn_seed, sampler_seed = self._next_seed(), self._next_seed()
         if "rpn_score_targets" in gt:
             out.update(
                 {k: gt[k] for k in ("rpn_score_targets", "rpn_box_targets", "rpn_box_weights")}
@@ -196,13 +208,11 @@ class MaskRCNN(BackboneModel, keras.Model):
                     self.anchor_boxes,
                     gt["boxes"],
                     gt["classes"],
-                    self._next_seed(),
+                    rpn_seed,
                     self.rpn_targets_config,
                 )
             )
-        samples = sample_rois(
-            rois, gt["boxes"], gt["classes"], self._next_seed(), self.sampler_config
-        )
+        samples = sample_rois(rois, gt["boxes"], gt["classes"], sampler_seed, self.sampler_config)
         roi_features = multilevel_roi_align(features, samples["rois"], self.roi_size)
         out["class_logits"], out["box_deltas"] = self.box_head(roi_features, training=training)
         out.update(classes=samples["classes"], box_targets=samples["box_targets"])
@@ -216,24 +226,26 @@ class MaskRCNN(BackboneModel, keras.Model):
         out.update(mask_classes=masks["mask_classes"], mask_targets=masks["mask_targets"])
         return out
 
-    def _detect(self, features, rois):
+    def _detect(self, features, rois, valid_hw=None):
         roi_features = multilevel_roi_align(features, rois, self.roi_size)
         class_logits, box_deltas = self.box_head(roi_features, training=False)
         detections = detect_from_rois(
-            class_logits, box_deltas, rois, self.image_size, self.detection_config
+            class_logits, box_deltas, rois, self.image_size, self.detection_config, valid_hw
         )
         mask_features = multilevel_roi_align(features, detections["boxes"], self.mask_roi_size)
         logits = self.mask_head((mask_features, detections["classes"]), training=False)
         return {**detections, "masks": tf.sigmoid(tf.cast(logits, tf.float32))}
 
-    def losses_from(self, outputs) -> dict:
-        """The losses (`maskrcnn_losses`) of training outputs."""
+    def losses_from(self, outputs, global_sum=None) -> dict:
+        """The losses (`maskrcnn_losses`) of training outputs; with `global_sum` (a sum over
+        replicas), this replica's share of the global batch's losses."""
         return maskrcnn_losses(
             outputs,
             outputs,
             self.level_sizes,
             self.rpn_targets_config.num_samples,
             self.loss_config,
+            global_sum,
         )
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):

@@ -38,21 +38,29 @@ def _huber(targets, predictions, delta):
     return keras.losses.huber(targets[..., None], predictions[..., None], delta=delta)
 
 
-def rpn_losses(scores, deltas, targets: dict, level_sizes, num_samples: int, config):
+def _identity(x):
+    return x
+
+
+def rpn_losses(
+    scores, deltas, targets: dict, level_sizes, num_samples: int, config, global_sum=None
+):
     """RPN objectness and box losses.
 
     scores [B, N] logits and deltas [B, N, 4] over all levels' anchors (`level_sizes`
     each); targets as `rcnn_targets.rpn_targets`. The score loss is the sigmoid cross-entropy
     of the sampled anchors divided by B * num_samples; the box loss is, per level, the Huber
     loss over sampled positive coordinates divided by their number (+0.01), summed over
-    levels, so that each level weighs the same.
+    levels, so that each level weighs the same. `global_sum` (see `maskrcnn_losses`) makes
+    every divisor the global batch's.
     """
+    global_sum = global_sum or _identity
     scores = tf.cast(scores, tf.float32)
     labels = targets["rpn_score_targets"]
     ce = tf.nn.sigmoid_cross_entropy_with_logits(
         labels=tf.cast(labels > 0, tf.float32), logits=scores
     )
-    batch = tf.cast(tf.shape(scores)[0], tf.float32)
+    batch = global_sum(tf.cast(tf.shape(scores)[0], tf.float32))
     score_loss = tf.reduce_sum(ce * tf.cast(labels >= 0, tf.float32)) / (batch * num_samples)
     weights = tf.cast(targets["rpn_box_weights"], tf.float32)
     per_box = tf.reduce_sum(
@@ -64,7 +72,7 @@ def rpn_losses(scores, deltas, targets: dict, level_sizes, num_samples: int, con
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         w = weights[:, start:end]
         box_loss += tf.reduce_sum(per_box[:, start:end] * w) / (
-            4.0 * tf.reduce_sum(w) + _COUNT_EPSILON
+            4.0 * global_sum(tf.reduce_sum(w)) + _COUNT_EPSILON
         )
     return score_loss, box_loss
 
@@ -75,6 +83,7 @@ def maskrcnn_losses(
     level_sizes,
     rpn_num_samples: int = 256,
     config: RCNNLossConfig | None = None,
+    global_sum=None,
 ) -> dict:
     """All Mask R-CNN losses from the training outputs of `MaskRCNN` (predictions and the
     sampled second-stage targets) and the RPN targets.
@@ -86,9 +95,12 @@ def maskrcnn_losses(
       divided by their pixel count (+0.01).
 
     Returns rpn_score_loss, rpn_box_loss, class_loss, box_loss, mask_loss and their
-    weighted sum total_loss.
+    weighted sum total_loss. With `global_sum(x)` (a sum over the replicas, run in each
+    replica's context) every count that divides is the global batch's, so the replicas'
+    losses sum to the loss of that batch on one device, whatever the replica count.
     """
     config = config or RCNNLossConfig()
+    global_sum = global_sum or _identity
     rpn_score, rpn_box = rpn_losses(
         outputs["rpn_scores"],
         outputs["rpn_deltas"],
@@ -96,20 +108,22 @@ def maskrcnn_losses(
         level_sizes,
         rpn_num_samples,
         config,
+        global_sum,
     )
     class_logits = tf.cast(outputs["class_logits"], tf.float32)
     num_classes = class_logits.shape[-1]
     classes = tf.cast(outputs["classes"], tf.int32)
-    class_loss = tf.reduce_mean(
-        tf.nn.sparse_softmax_cross_entropy_with_logits(labels=classes, logits=class_logits)
-    )
+    class_ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=classes, logits=class_logits)
+    class_loss = tf.reduce_sum(class_ce) / global_sum(tf.cast(tf.size(class_ce), tf.float32))
     # The ground-truth class's deltas, by a one-hot contraction (no gather: XLA-friendly).
     deltas = tf.cast(outputs["box_deltas"], tf.float32)
     deltas = tf.reshape(deltas, [-1, classes.shape[1], num_classes, 4])
     deltas = tf.einsum("bkcd,bkc->bkd", deltas, tf.one_hot(classes, num_classes))
     foreground = tf.cast(classes > 0, tf.float32)
     box = tf.reduce_sum(_huber(outputs["box_targets"], deltas, config.box_huber_delta), -1)
-    box_loss = tf.reduce_sum(box * foreground) / (4.0 * tf.reduce_sum(foreground) + _COUNT_EPSILON)
+    box_loss = tf.reduce_sum(box * foreground) / (
+        4.0 * global_sum(tf.reduce_sum(foreground)) + _COUNT_EPSILON
+    )
     mask_logits = tf.cast(outputs["mask_logits"], tf.float32)
     mask_fg = tf.cast(outputs["mask_classes"] > 0, tf.float32)
     pixels = float(np.prod(mask_logits.shape[2:]))
@@ -117,7 +131,7 @@ def maskrcnn_losses(
         labels=tf.cast(outputs["mask_targets"], tf.float32), logits=mask_logits
     )
     mask_loss = tf.reduce_sum(tf.reduce_sum(bce, axis=[2, 3]) * mask_fg) / (
-        pixels * tf.reduce_sum(mask_fg) + _COUNT_EPSILON
+        pixels * global_sum(tf.reduce_sum(mask_fg)) + _COUNT_EPSILON
     )
     losses = {
         "rpn_score_loss": rpn_score,

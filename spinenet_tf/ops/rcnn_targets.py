@@ -1,8 +1,10 @@
 """Training targets of Mask R-CNN (He et al. 2017) with static shapes: RPN anchor labels,
 the balanced ROI sampler, Fast R-CNN box targets and mask targets.
 
-Sampling is random but stateless: every function takes a seed [2] (int), so a seeded run
-repeats and the ops compile with XLA. Samplers pick exact counts with top_k on random keys
+Sampling is random but stateless: every function takes a seed, [2] int for the batch or
+[B, 2] one per image (the data pipeline's per-element seeds: then an image's sample does not
+depend on the batch it shares or the replica that draws it), so a seeded run repeats and the
+ops compile with XLA. Samplers pick exact counts with top_k on random keys
 instead of boolean masks (tensorflow/tpu's static-shape trick).
 """
 
@@ -82,7 +84,7 @@ def balanced_sample(positive, negative, num_samples: int, positive_fraction: flo
     if num < num_samples:
         raise ValueError(f"cannot sample {num_samples} of {num} entries")
     batch = tf.shape(positive)[0]
-    keys = tf.random.stateless_uniform([batch, num], seed)  # [0, 1)
+    keys = uniform_keys(seed, batch, num)
     max_pos = max(1, int(num_samples * positive_fraction))
     pos_keys, pos_idx = tf.math.top_k(tf.where(positive, keys, -1.0), k=max_pos)
     pos_taken = pos_keys >= 0.0
@@ -101,6 +103,24 @@ def balanced_sample(positive, negative, num_samples: int, positive_fraction: flo
     )
     kind = tf.where(first, 1, tf.where(tf.gather(negative, indices, batch_dims=1), 0, -1))
     return indices, kind
+
+
+def uniform_keys(seed, batch, num: int):
+    """Uniform [0, 1) keys [batch, num] from one seed [2] or from per-row seeds [batch, 2]."""
+    seed = tf.cast(seed, tf.int64)
+    if seed.shape.rank == 1:
+        return tf.random.stateless_uniform([batch, num], seed)
+    return tf.map_fn(
+        lambda s: tf.random.stateless_uniform([num], s),
+        seed,
+        fn_output_signature=tf.TensorSpec([num], tf.float32),
+    )
+
+
+def salted(seed, salt: int):
+    """A different stream of the same seed ([2] or [B, 2]) for each consumer."""
+    seed = tf.cast(seed, tf.int64)
+    return seed + tf.constant([0, salt], tf.int64)
 
 
 def _scatter_mask(indices, keep, size):

@@ -2,6 +2,7 @@
 
 from spinenet_tf.tasks.base import Evaluator, ImageServing, Task, model_settings
 from spinenet_tf.tasks.classification import ClassificationTask, ClassifierServing
+from spinenet_tf.tasks.maskrcnn import MaskDetector, MaskRCNNTask
 from spinenet_tf.tasks.retinanet import Detector, RetinaNetTask
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "Detector",
     "Evaluator",
     "ImageServing",
+    "MaskDetector",
+    "MaskRCNNTask",
     "RetinaNetTask",
     "Task",
     "model_settings",

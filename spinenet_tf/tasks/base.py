@@ -101,10 +101,16 @@ class Task:
         `global_sum(x)` sums a tensor over the replicas (for normalisers of the global batch)."""
         return labels
 
+    def train_outputs(self, model, images, targets: dict):
+        """The training forward pass, inside the gradient tape (default: model(images,
+        training=True); a two-stage detector also feeds it the ground truth)."""
+        return model(images, training=True)
+
     def train_losses(self, model, targets: dict, outputs) -> dict:
         """Losses of model(images, training=True) outputs: "total_loss" (this replica's share
         of the global-batch loss, weight decay excluded) and the parts that
-        `train_loss_names` lists, all scalars."""
+        `train_loss_names` lists, all scalars. Counts that normalise a loss can be summed
+        over the replicas here too, with `replica_sum`."""
         raise NotImplementedError
 
     def eval_outputs(self, model, images, groundtruth: dict) -> dict:
@@ -140,10 +146,20 @@ class Task:
         return Image.fromarray(np.asarray(pixels, np.uint8))
 
     def prediction_records(
-        self, prediction: dict, label_map: dict, score_threshold: float
+        self, prediction: dict, label_map: dict, score_threshold: float, image_hw=None
     ) -> list[dict]:
-        """JSON records of one served prediction (predict adds image_id and file_name)."""
+        """JSON records of one served prediction (predict adds image_id and file_name);
+        image_hw: the original image's (height, width)."""
         return [{k: np.asarray(v).tolist() for k, v in prediction.items()}]
+
+
+def replica_sum(x):
+    """x summed over the replicas of the current strategy (x itself outside any, or with one
+    replica); call it in replica context, as every Task method that takes tensors is."""
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return x
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, x)
 
 
 def class_name_table(label_map: dict | None):

@@ -127,7 +127,7 @@ class ClassificationTask(Task):
             pixels, prediction["top_k_classes"], prediction["top_k_scores"], label_map
         )
 
-    def prediction_records(self, prediction, label_map, score_threshold):
+    def prediction_records(self, prediction, label_map, score_threshold, image_hw=None):
         top = zip(prediction["top_k_classes"], prediction["top_k_scores"], strict=True)
         return [
             {

@@ -53,9 +53,13 @@ class RetinaNetTask(Task):
             training=training,
             scale_range=data.scale_range,
             max_instances=data.max_instances,
-            targets_fn=model.labeler.matches if training else None,
             image_dtype=keras.config.dtype_policy().compute_dtype,
+            **self.parser_options(model, training),
         )
+
+    def parser_options(self, model, training: bool) -> dict:
+        """`detection_parser` arguments of this head: RetinaNet matches anchors on the host."""
+        return {"targets_fn": model.labeler.matches if training else None}
 
     def train_targets(self, model, labels, global_sum):
         targets = model.labeler.targets(labels)
@@ -102,10 +106,10 @@ class RetinaNetTask(Task):
             model.detection_config = dataclasses.replace(model.detection_config, **overrides)
 
     def draw_prediction(self, pixels, prediction, label_map, score_threshold):
-        return draw_detections(pixels, _detections(prediction), label_map, score_threshold)
+        return draw_detections(pixels, detections_of(prediction), label_map, score_threshold)
 
-    def prediction_records(self, prediction, label_map, score_threshold):
-        det = _detections(prediction)
+    def prediction_records(self, prediction, label_map, score_threshold, image_hw=None):
+        det = detections_of(prediction)
         records = []
         for box, score, cls in zip(det["boxes"], det["scores"], det["classes"], strict=True):
             if score < score_threshold:
@@ -122,14 +126,18 @@ class RetinaNetTask(Task):
         return records
 
 
-def _detections(prediction: dict) -> dict:
-    """One image's served outputs -> the detections `draw_detections` takes."""
+def detections_of(prediction: dict) -> dict:
+    """One image's served outputs -> the detections `draw_detections` takes (with masks when
+    the export has detection_masks)."""
     n = int(prediction["num_detections"])
-    return {
-        "boxes": prediction["detection_boxes"][:n],
-        "scores": prediction["detection_scores"][:n],
-        "classes": prediction["detection_classes"][:n],
+    out = {
+        "boxes": np.asarray(prediction["detection_boxes"][:n]),
+        "scores": np.asarray(prediction["detection_scores"][:n]),
+        "classes": np.asarray(prediction["detection_classes"][:n]),
     }
+    if "detection_masks" in prediction:
+        out["masks"] = np.asarray(prediction["detection_masks"][:n])
+    return out
 
 
 class Detector(ImageServing):
@@ -159,7 +167,10 @@ class Detector(ImageServing):
         return self.model.detect(self.model(images, training=False), valid_hw)
 
     def serve(self, padded, info) -> dict:
-        det = self._network(padded, scaled_image_hw(info))
+        return self.outputs(self._network(padded, scaled_image_hw(info)), info)
+
+    def outputs(self, det: dict, info) -> dict:
+        """The served outputs of decoded detections `det` (input pixels) and image_info."""
         out = {
             "num_detections": det["num_detections"],
             # Rows past num_detections are zero from decoding and stay zero here (the

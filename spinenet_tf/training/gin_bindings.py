@@ -13,6 +13,7 @@ from pathlib import Path
 import gin
 
 from spinenet_tf.tasks.classification import ClassificationTask
+from spinenet_tf.tasks.maskrcnn import MaskRCNNTask
 from spinenet_tf.tasks.retinanet import RetinaNetTask
 from spinenet_tf.training import config as config_lib
 
@@ -30,6 +31,7 @@ def register_task(task_class: type, name: str | None = None):
 
 register_task(RetinaNetTask)
 register_task(ClassificationTask)
+register_task(MaskRCNNTask)
 
 
 # Experiments include fragments by their path under gin_configs/ ('models/spinenet49.gin').

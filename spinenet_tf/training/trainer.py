@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from spinenet_tf.data.dataset import data_source, make_dataset
 from spinenet_tf.data.label_map import data_classes
+from spinenet_tf.tasks.base import replica_sum
 from spinenet_tf.training import strategy as strategy_lib
 from spinenet_tf.training.checkpoints import by_path, init_from_checkpoint, model_variables
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
@@ -140,15 +141,13 @@ class Trainer:
     def _replica_step(self, images, labels):
         model, optimizer, task = self.model, self.optimizer, self.task
         context = tf.distribute.get_replica_context()
-        targets = task.train_targets(
-            model, labels, lambda x: context.all_reduce(tf.distribute.ReduceOp.SUM, x)
-        )
+        targets = task.train_targets(model, labels, replica_sum)
         # Each replica's task loss is its share of the global-batch loss, so the replicas'
         # losses sum to the single-device loss of that batch; Keras then sums the replicas'
         # gradients. Weight decay is the same on every replica: 1/n each.
         replicas = context.num_replicas_in_sync
         with tf.GradientTape() as tape:
-            outputs = model(images, training=True)
+            outputs = task.train_outputs(model, images, targets)
             losses = task.train_losses(model, targets, outputs)
             reg = tf.add_n([tf.cast(x, tf.float32) for x in model.losses]) if model.losses else 0.0
             loss = losses["total_loss"] + reg / replicas

@@ -112,8 +112,43 @@ def test_groundtruth_returns_original_pixels():
 
 def test_crop_masks_cuts_each_instance_at_its_box():
     out = _both_ways(lambda x: ops.crop_masks(x, 8), _example())
-    assert out["masks"].shape == (2, 8, 8)
-    assert out["masks"].numpy().mean() > 0.9  # each box is exactly its filled rectangle
+    soft = out["masks"].numpy()
+    assert soft.shape == (2, 8, 8) and soft.dtype == np.float32
+    # Each box is exactly its filled rectangle: ones inside, soft only along the edges (the
+    # reference keeps the bilinear crops soft).
+    np.testing.assert_array_equal(soft[:, 1:-1, 1:-1], 1.0)
+    assert 0.2 < soft.min() < 1.0  # corners: half of half
+    binary = _both_ways(lambda x: ops.crop_masks(x, 8, binarize=True), _example())["masks"]
+    assert set(np.unique(binary)) == {0.0, 1.0}
+    np.testing.assert_array_equal(binary, soft >= 0.5)
+
+
+def test_crop_masks_after_a_crop_follow_the_clipped_box():
+    d = _example()
+    masks = d["masks"].numpy()
+    masks[1, :, 45:] = 0  # the second instance (x 30-60) fills only its box's left half
+    d["masks"] = tf.constant(masks)
+    # Upscaled 2x and cut to a 64 x 64 window at x offset 44: the second box now spans
+    # original x 30-51, so its crop is 15 / 21 = 71% mask across, not the half of its
+    # whole box (the crop is taken at the final box, as the reference's parser does).
+    d = ops.resize_and_crop(d, (64, 64), (2.0, 2.0), tf.constant([0, 0], tf.int64))
+    np.testing.assert_allclose(d["image_info"][3], [16.85, 44.42], atol=0.01)
+    crop = ops.crop_masks(d, 16)["masks"].numpy()[1]
+    columns = (crop > 0.5).mean(axis=0) > 0.5
+    assert columns.sum() in (10, 11), columns  # 0.71 * 16 = 11.4, the edge column soft
+    assert not columns[12:].any()
+
+
+def test_parser_drops_crowds_and_labels_sampling_seeds():
+    parse = detection_parser(
+        64, training=True, include_masks=True, mask_size=8, skip_crowd=True, rcnn_labels=True
+    )
+    _, labels = _both_ways_parser(parse, _example())
+    assert labels["classes"].numpy()[:3].tolist() == [3, -1, -1]  # the crowd (5) dropped
+    assert labels["seed"].dtype == tf.int64 and labels["seed"].shape == (2,)
+    assert labels["valid_hw"].numpy().tolist() == [43, 64]  # 40 x 60 fitted into 64
+    other = parse(_example(), tf.constant([5, 2], tf.int64))[1]["seed"]
+    assert not np.array_equal(labels["seed"], other)  # each element its own seed
 
 
 def test_parser_labels_and_dtype():

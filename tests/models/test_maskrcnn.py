@@ -7,7 +7,7 @@ import spinenet_tf
 from spinenet_tf.models.mask_rcnn import MaskRCNN, build_maskrcnn
 from spinenet_tf.models.rcnn_heads import BoxHead, MaskHead, RPNHead
 from spinenet_tf.tools.summary import count_parameters
-from tests.conftest import FIVE_BLOCKS, TINY, model_garden
+from tests.conftest import FIVE_BLOCKS, TINY, TINY_MASKRCNN, model_garden
 
 # Model Garden 2.20's Mask R-CNN-SpineNet with 91 classes and 3 anchors a location
 # (../shared/REFERENCE.md; 49S: its factory with tensorflow/tpu's 49S heads, 128 filters
@@ -18,18 +18,6 @@ MODEL_GARDEN_PARAMS = {
     "96": 55_185_009,
     "143": 79_169_649,
 }
-# A tiny Mask R-CNN: five blocks (levels 3-5), 16-filter heads of one conv.
-TINY_MASKRCNN = dict(
-    TINY,
-    **FIVE_BLOCKS,
-    rpn_num_filters=16,
-    head_num_convs=1,
-    head_num_filters=16,
-    head_fc_dims=32,
-    mask_num_convs=1,
-    mask_num_filters=16,
-    seed=1,
-)
 
 
 @pytest.mark.slow  # builds two full models (15 s); the heads are compared below

@@ -227,3 +227,66 @@ def test_mask_targets_follow_the_first_samples(rng):
     # A full mask seen from a foreground ROI: mostly ones, soft at the box's edges.
     target = out["mask_targets"].numpy()[0]
     assert target.max() == 1.0 and np.all(target >= 0.0)
+
+
+def test_per_image_seeds_draw_each_image_alike_in_any_batch(rng):
+    gt_boxes, gt_classes = _ground_truth()
+    gt_boxes[1], gt_classes[1] = gt_boxes[0], gt_classes[0]
+    proposals = np.stack([_proposals(rng, gt_boxes[0, :2])] * 2)
+    seeds = tf.constant([[3, 4], [9, 1]], tf.int64)
+    sample = tf.function(sample_rois, jit_compile=True)
+    both = sample(proposals, gt_boxes, gt_classes, seeds)
+    for i in range(2):  # each image alone (another replica's share) draws the same
+        alone = sample(
+            proposals[i : i + 1], gt_boxes[i : i + 1], gt_classes[i : i + 1], seeds[i : i + 1]
+        )
+        for k in both:
+            np.testing.assert_array_equal(alone[k][0], both[k][i], err_msg=k)
+    # Same inputs, different seeds: different draws.
+    assert not np.array_equal(both["rois"][0], both["rois"][1])
+    rpn = rpn_targets(ANCHORS.boxes((128, 128)), gt_boxes, gt_classes, seeds)
+    rpn_alone = rpn_targets(ANCHORS.boxes((128, 128)), gt_boxes[1:], gt_classes[1:], seeds[1:])
+    np.testing.assert_array_equal(rpn["rpn_score_targets"][1], rpn_alone["rpn_score_targets"][0])
+
+
+def test_losses_of_a_split_batch_sum_to_the_whole_with_global_counts(rng):
+    sizes = [48, 12]
+    n, rois = sum(sizes), 16
+    labels = rng.choice([-1, 0, 1], size=(4, n), p=[0.5, 0.4, 0.1])
+    outputs = {
+        "rpn_scores": rng.normal(size=(4, n)),
+        "rpn_deltas": rng.normal(size=(4, n, 4)),
+        "rpn_score_targets": labels,
+        "rpn_box_targets": rng.normal(size=(4, n, 4)) * (labels == 1)[..., None],
+        "rpn_box_weights": (labels == 1).astype(np.float32),
+        "class_logits": rng.normal(size=(4, rois, 3)),
+        "box_deltas": rng.normal(size=(4, rois, 12)),
+        "classes": rng.integers(0, 3, size=(4, rois)),
+        "box_targets": rng.normal(size=(4, rois, 4)),
+        "mask_logits": rng.normal(size=(4, 4, 6, 6)),
+        "mask_classes": rng.integers(0, 3, size=(4, 4)),
+        "mask_targets": rng.uniform(size=(4, 4, 6, 6)),
+    }
+    outputs = {k: tf.constant(v) for k, v in outputs.items()}
+    whole = maskrcnn_losses(outputs, outputs, sizes)
+    halves = [{k: v[i : i + 2] for k, v in outputs.items()} for i in (0, 2)]
+
+    def counts_of(half):  # what each "replica" hands global_sum, in call order
+        seen = []
+        maskrcnn_losses(half, half, sizes, global_sum=lambda x: seen.append(x) or x)
+        return seen
+
+    def plus(other):  # global_sum on one of two replicas: its count plus the other's
+        counts = iter(other)
+        return lambda x: x + next(counts)
+
+    first, second = counts_of(halves[0]), counts_of(halves[1])
+    shares = [
+        maskrcnn_losses(halves[0], halves[0], sizes, global_sum=plus(second)),
+        maskrcnn_losses(halves[1], halves[1], sizes, global_sum=plus(first)),
+    ]
+    for k, v in whole.items():
+        np.testing.assert_allclose(shares[0][k] + shares[1][k], v, rtol=1e-5, err_msg=k)
+    # Without global counts, each half's own mean: the sum would be about twice the loss.
+    alone = [maskrcnn_losses(h, h, sizes)["class_loss"] for h in halves]
+    assert abs(float(alone[0] + alone[1]) / float(whole["class_loss"]) - 2.0) < 0.5

@@ -4,7 +4,6 @@ detector started from the classifier's backbone."""
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from spinenet_tf.training.checkpoints import init_from_checkpoint
 from spinenet_tf.training.config import DataConfig, ExperimentConfig, OptimizerConfig
 from spinenet_tf.training.optimizers import Adam
 from spinenet_tf.training.trainer import Trainer
-from tests.conftest import FIVE_BLOCKS, TENSORFLOW_ONLY, TINY, TINY_DETECTOR
+from tests.conftest import FIVE_BLOCKS, TINY, TINY_DETECTOR, run_tensorflow_only
 
 NAMES = {1: "ellipse", 2: "rectangle", 3: "star", 4: "triangle"}
 NUM_VAL = 10
@@ -155,17 +154,7 @@ def test_train_evaluate_draw_export_and_detector_from_backbone(data, trained, tm
 
     # Served with TensorFlow alone: probabilities and top-5 ids and names.
     jpeg = sorted(tf.io.gfile.glob(data["images"]))[0]
-    script = tmp_path / "consumer.py"
-    script.write_text(CONSUMER)
-    result = subprocess.run(
-        [sys.executable, str(script), export, jpeg, str(tmp_path / "out.json")],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    served = json.loads((tmp_path / "out.json").read_text())
+    served = run_tensorflow_only(CONSUMER, tmp_path, export, jpeg)
     assert served["imported"] == []
     assert len(served["top_k_classes"]) == 5 and len(served["probabilities"]) == 5
     assert served["top_k_class_names"][0] == NAMES.get(served["top_k_classes"][0], "")
@@ -234,9 +223,7 @@ def test_predict_command_draws_and_records_top_classes(data, trained, tmp_path):
         assert image.width >= 512 or image.height > 512 + 5 * 12
 
 
-CONSUMER = (
-    TENSORFLOW_ONLY
-    + """
+CONSUMER = """
 import json
 import tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
@@ -250,7 +237,6 @@ out["tensor_probabilities"] = (
 out["imported"] = [m for m in sys.modules if m.split(".")[0] in ("keras", "spinenet_tf")]
 json.dump(out, open(sys.argv[3], "w"))
 """
-)
 
 
 def test_drawn_top_classes_leave_out_ids_the_label_map_does_not_name():
