@@ -47,16 +47,21 @@ FIVE_BLOCKS = dict(block_specs=CUSTOM_SPECS, min_level=3, max_level=5)
 # one-conv head of 16 filters.
 TINY_DETECTOR = dict(TINY, head_num_filters=16, head_num_convs=1, **FIVE_BLOCKS)
 # A tiny Mask R-CNN: five blocks (levels 3-5), 16-filter heads of one conv.
-TINY_MASKRCNN = dict(
-    TINY,
-    **FIVE_BLOCKS,
+TINY_MASKRCNN_HEADS = dict(
     rpn_num_filters=16,
     head_num_convs=1,
     head_num_filters=16,
     head_fc_dims=32,
     mask_num_convs=1,
     mask_num_filters=16,
-    seed=1,
+)
+TINY_MASKRCNN = dict(TINY, **FIVE_BLOCKS, **TINY_MASKRCNN_HEADS, seed=1)
+# Mask R-CNN at 64 px has fewer anchors (252 on levels 3-5) than the 256 the RPN samples:
+# fewer samples and proposals for tests at that size.
+MASKRCNN_AT_64 = dict(
+    rpn_targets={"num_samples": 64},
+    sampler={"num_samples": 64, "num_masks": 16},
+    proposal={"pre_nms_top_k": 200, "test_pre_nms_top_k": 100, "num_proposals": 100},
 )
 
 

@@ -14,16 +14,10 @@ from spinenet_tf.serving.export import export_saved_model
 from spinenet_tf.tasks.maskrcnn import MaskRCNNTask
 from spinenet_tf.training.config import DataConfig, OptimizerConfig
 from spinenet_tf.training.trainer import Trainer
-from tests.conftest import TINY_MASKRCNN, run_tensorflow_only, tiny_experiment
+from tests.conftest import MASKRCNN_AT_64, TINY_MASKRCNN, run_tensorflow_only, tiny_experiment
 
 NAMES = {1: "ellipse", 2: "rectangle", 3: "star", 4: "triangle"}
-TINY_HEADS = dict(
-    TINY_MASKRCNN,
-    # Fewer anchors, samples and proposals at 64 px: wiring, not capacity.
-    rpn_targets={"num_samples": 64},
-    sampler={"num_samples": 64, "num_masks": 16},
-    proposal={"pre_nms_top_k": 200, "test_pre_nms_top_k": 100, "num_proposals": 100},
-)
+TINY_HEADS = dict(TINY_MASKRCNN, **MASKRCNN_AT_64)
 
 
 def _config(records, shapes_dir, **overrides):

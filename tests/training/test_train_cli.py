@@ -1,6 +1,7 @@
 """python -m spinenet_tf.train: flags, gin errors, train_and_eval end to end, kill and resume,
 SIGTERM, and every experiment's gin file."""
 
+import math
 import os
 import shlex
 import signal
@@ -14,9 +15,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from spinenet_tf.tasks import ClassificationTask, RetinaNetTask
+from spinenet_tf.tasks import ClassificationTask, MaskRCNNTask, RetinaNetTask
 from spinenet_tf.training import gin_bindings
-from tests.conftest import HEAVY_MEMORY, TINY_DETECTOR, tiny_experiment
+from tests.conftest import (
+    HEAVY_MEMORY,
+    MASKRCNN_AT_64,
+    TINY_DETECTOR,
+    TINY_MASKRCNN_HEADS,
+    tiny_experiment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_PARAMS = [
@@ -156,8 +163,14 @@ def test_every_experiment_parses(experiment, runtime):
     assert config.train_steps > 0 and config.image_size >= 96
     if "classification" in experiment:
         assert isinstance(config.task, ClassificationTask)
+    elif "maskrcnn" in experiment:
+        assert isinstance(config.task, MaskRCNNTask)
+        assert config.optimizer.warmup_steps == 2000 and config.optimizer.decay == "step"
+        # The first steps past the boundaries are tensorflow/tpu's.
+        first = [math.ceil(b * config.train_steps) for b in config.optimizer.boundaries]
+        assert first == ([173530, 182910] if "190" in experiment else [148160, 157420])
     else:
-        assert isinstance(config.task, RetinaNetTask)
+        assert type(config.task) is RetinaNetTask
     if experiment.endswith("_imagenet.gin"):  # tensorflow/tpu's recipe
         assert (config.num_classes, config.image_size) == (1001, 224)
         assert config.train.global_batch_size == 4096 and config.train_steps == 62557
@@ -165,7 +178,8 @@ def test_every_experiment_parses(experiment, runtime):
         assert config.optimizer.decay == "cosine" and config.optimizer.warmup_steps == 1564
     if "coco" in experiment:
         assert config.train.global_batch_size == 256
-        assert config.train.scale_range == (0.5, 2.0)
+        jitter = (0.1, 2.0) if experiment == "maskrcnn_spinenet190_coco.gin" else (0.5, 2.0)
+        assert config.train.scale_range == jitter
         assert config.optimizer.learning_rate == 0.28
 
 
@@ -191,7 +205,9 @@ def _tiny_experiment(experiment: str, records, runtime: str = "cpu.gin"):
         if mobile
         else {"filter_size_scale": 0.25, "endpoints_num_filters": 16}
     )
-    if isinstance(config.task, RetinaNetTask):
+    if isinstance(config.task, MaskRCNNTask):
+        tiny.update(TINY_MASKRCNN_HEADS, **MASKRCNN_AT_64)
+    elif isinstance(config.task, RetinaNetTask):
         tiny.update(
             {"head_num_convs": 1} if mobile else {"head_num_convs": 1, "head_num_filters": 16}
         )
