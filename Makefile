@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
-.PHONY: setup quickstart quickstart-classification test test-slow lint benchmark clean
+.PHONY: setup quickstart quickstart-classification quickstart-maskrcnn test test-slow lint benchmark clean
 
 $(RUN_STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ quickstart: $(RUN_STAMP)
 quickstart-classification: $(RUN_STAMP)
 	$(PY) -m spinenet_tf.train --gin_file=gin_configs/experiments/quickstart_classification.gin \
 		--model_dir=runs/quickstart_classification --mode=train_and_eval
+
+# Mask R-CNN's: the same shapes data with its instance masks; prints box and mask AP.
+quickstart-maskrcnn: $(RUN_STAMP)
+	$(PY) -m spinenet_tf.train --gin_file=gin_configs/experiments/quickstart_maskrcnn.gin \
+		--model_dir=runs/quickstart_maskrcnn --mode=train_and_eval
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -57,6 +62,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/input_pipeline.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/tflite.py
+	$(PY) benchmarks/maskrcnn.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache runs data/shapes data/shapes_classification

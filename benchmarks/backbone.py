@@ -73,6 +73,27 @@ def squared_features_loss(model):
     return loss
 
 
+def policy_args(doc: str, **defaults):
+    """Parsed arguments of a benchmark timing inference under several dtype policies
+    (--policies, a list) and the training step in float32; prints the run's header."""
+    parser = base_parser(doc)
+    parser.add_argument(
+        "--policies",
+        default="float32,mixed_bfloat16",
+        help="dtype policies to time inference under, e.g. float32,mixed_bfloat16 (the "
+        "training step is timed in float32)",
+    )
+    parser.set_defaults(**defaults)
+    args = parser.parse_args()
+    args.policies = args.policies.split(",")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
+        f"{args.image_size}px, inference under {', '.join(args.policies)}",
+        flush=True,
+    )
+    return args
+
+
 def base_parser(doc: str) -> argparse.ArgumentParser:
     """The options every benchmark here takes."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])

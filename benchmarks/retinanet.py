@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from backbone import base_parser, median_seconds, train_step_fn  # noqa: E402
+from backbone import median_seconds, policy_args, train_step_fn  # noqa: E402
 
 from spinenet_tf.convert.model_garden import build_model_garden_retinanet  # noqa: E402
 from spinenet_tf.models.base import flatten_levels
@@ -138,20 +138,8 @@ def bench(model_id: str, size: int, iters: int, policies) -> dict:
 
 
 def main():
-    parser = base_parser(__doc__)
-    parser.add_argument(
-        "--policies",
-        default="float32,mixed_bfloat16",
-        help="dtype policies to time inference under, e.g. float32,mixed_bfloat16 (the "
-        "training step is timed in float32)",
-    )
-    args = parser.parse_args()
-    policies = args.policies.split(",")
-    print(
-        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {os.cpu_count()} CPU cores, "
-        f"{args.image_size}px, inference under {', '.join(policies)}",
-        flush=True,
-    )
+    args = policy_args(__doc__)
+    policies = args.policies
     results = {
         m: bench(m, args.image_size, args.iters, policies) for m in args.model_ids.split(",")
     }

@@ -4,14 +4,17 @@
         --output=spinenet49.weights.h5
     python -m spinenet_tf.convert --model_id=49 --checkpoint=/path/ckpt-500000 \
         --num_classes=91 --output=converted/retinanet49/ckpt
+    python -m spinenet_tf.convert --model_id=49 --checkpoint=/path/ckpt-231000 \
+        --num_classes=91 --head=maskrcnn --output=converted/maskrcnn49/ckpt
 
 Model Garden publishes `tf.train.Checkpoint(model=detector)` files; checkpoints of a bare
 backbone (`tf.train.Checkpoint(backbone=...)`) work too. Without --num_classes the backbone
-is converted; with it, the whole RetinaNet (backbone and head, Model Garden's with that many
-classes). --output ending in .weights.h5 or .keras writes Keras files; an output without an
-extension is a checkpoint prefix, which an experiment starts from with
-`ExperimentConfig.init_checkpoint` (fine-tuning, also with other classes) and which export
-and predict read as --checkpoint. Needs the `modelgarden` extra.
+is converted; with it, the whole detector (backbone and heads, Model Garden's with that many
+classes): a RetinaNet, or with --head=maskrcnn a Mask R-CNN (Model Garden's factory model of 3
+anchors a location; ids 49S, 49, 96, 143). --output ending in .weights.h5 or .keras writes
+Keras files; an output without an extension is a checkpoint prefix, which an experiment
+starts from with `ExperimentConfig.init_checkpoint` (fine-tuning, also with other classes)
+and which export and predict read as --checkpoint. Needs the `modelgarden` extra.
 """
 
 from __future__ import annotations
@@ -28,9 +31,11 @@ from absl import app, flags, logging  # noqa: E402
 from spinenet_tf import specs  # noqa: E402
 from spinenet_tf.convert.model_garden import (  # noqa: E402
     build_model_garden_backbone,
+    build_model_garden_maskrcnn,
     build_model_garden_retinanet,
     from_model_garden,
 )
+from spinenet_tf.models.mask_rcnn import build_maskrcnn  # noqa: E402
 from spinenet_tf.models.retinanet import build_retinanet  # noqa: E402
 from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
 from spinenet_tf.training.checkpoints import model_variables  # noqa: E402
@@ -74,9 +79,13 @@ def convert(
     activation: str | None = None,
     image_size: int | None = None,
     num_classes: int | None = None,
+    head: str = "retinanet",
 ):
-    """Converts a Model Garden checkpoint: the backbone, or with num_classes the RetinaNet;
-    returns our model. See the module docstring for `output`."""
+    """Converts a Model Garden checkpoint: the backbone, or with num_classes the detector
+    (`head` 'retinanet' or 'maskrcnn'); returns our model. See the module docstring for
+    `output`."""
+    if head not in MAKERS:
+        raise ValueError(f"--head must be one of {sorted(MAKERS)}, got {head!r}")
     extension = os.path.splitext(os.path.basename(output))[1]
     keras_file = output.endswith(".weights.h5") or output.endswith(".keras")
     if extension and not keras_file:
@@ -88,13 +97,14 @@ def convert(
     if num_classes:
         if (min_level, max_level) != (3, 7) or activation:
             raise ValueError(
-                "--num_classes converts Model Garden's RetinaNet as its SpineNet recipes build "
+                "--num_classes converts Model Garden's detector as its SpineNet recipes build "
                 "it (levels 3-7, the model id's activation); drop --min_level, --max_level and "
                 "--activation"
             )
-        source = build_model_garden_retinanet(model_id, num_classes, size)
-        path = restore_model_garden_detector(source, checkpoint)
-        target = build_retinanet(model_id, num_classes, size)
+        make_source, make_target = MAKERS[head]
+        source = make_source(model_id, num_classes, size)
+        path = restore_model_garden_detector(source, checkpoint, head)
+        target = make_target(model_id, num_classes, size)
     else:
         kwargs = dict(min_level=min_level, max_level=max_level)
         if activation:
@@ -114,8 +124,28 @@ def convert(
     return target
 
 
-def restore_model_garden_detector(detector, checkpoint: str) -> str:
-    """Reads `checkpoint` into a Model Garden RetinaNet; raises naming the file on failure."""
+def _model_garden_maskrcnn(model_id: str, num_classes: int, size: int):
+    scaling = specs.get_scaling(model_id)
+    if scaling.model_id not in ("49S", "49", "96", "143"):
+        raise ValueError(
+            f"--head=maskrcnn converts Model Garden's Mask R-CNN of ids 49S, 49, 96 and 143 "
+            f"(its factory's heads); got {model_id!r}"
+        )
+    narrow = scaling.model_id == "49S"  # tensorflow/tpu's 49S heads: 128 filters, FC 512
+    return build_model_garden_maskrcnn(
+        model_id, num_classes, size, 128 if narrow else 256, 512 if narrow else 1024
+    )
+
+
+# --head: (Model Garden's detector, ours), each from (model_id, num_classes, image size).
+MAKERS = {
+    "retinanet": (build_model_garden_retinanet, build_retinanet),
+    "maskrcnn": (_model_garden_maskrcnn, build_maskrcnn),
+}
+
+
+def restore_model_garden_detector(detector, checkpoint: str, head: str = "retinanet") -> str:
+    """Reads `checkpoint` into a Model Garden detector; raises naming the file on failure."""
     path = tf.train.latest_checkpoint(checkpoint) if tf.io.gfile.isdir(checkpoint) else checkpoint
     if not path or not tf.io.gfile.glob(path + "*"):
         raise FileNotFoundError(f"no checkpoint at {checkpoint!r}")
@@ -124,8 +154,8 @@ def restore_model_garden_detector(detector, checkpoint: str) -> str:
         status.assert_existing_objects_matched()
     except (AssertionError, ValueError) as e:
         raise ValueError(
-            f"checkpoint {path!r} holds no RetinaNet matching Model Garden's of this model id "
-            f"and --num_classes: {str(e).splitlines()[0]}"
+            f"checkpoint {path!r} holds no {head} matching Model Garden's of this model id, "
+            f"--num_classes and --head: {str(e).splitlines()[0]}"
         ) from None
     status.expect_partial()
     return path
@@ -147,8 +177,11 @@ def define_flags():
     flags.DEFINE_integer(
         "num_classes",
         None,
-        "Convert the whole RetinaNet (backbone and head), Model Garden's with this many "
+        "Convert the whole detector (backbone and heads), Model Garden's with this many "
         "classes (COCO: 91); default: the backbone only.",
+    )
+    flags.DEFINE_enum(
+        "head", "retinanet", ["retinanet", "maskrcnn"], "The detector --num_classes converts."
     )
     flags.DEFINE_integer("min_level", 3, "Lowest output level the checkpoint's model used.")
     flags.DEFINE_integer("max_level", 7, "Highest output level the checkpoint's model used.")
@@ -174,6 +207,7 @@ def main(argv):
         FLAGS.activation,
         FLAGS.image_size,
         FLAGS.num_classes,
+        FLAGS.head,
     )
     print(f"wrote {FLAGS.output}")
 

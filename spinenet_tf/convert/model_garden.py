@@ -11,6 +11,7 @@ import re
 import numpy as np
 
 from spinenet_tf import specs as specs_lib
+from spinenet_tf.models.mask_rcnn import MaskRCNN
 from spinenet_tf.models.retinanet import RetinaNet
 from spinenet_tf.models.spinenet import SpineNet
 
@@ -94,10 +95,23 @@ def from_model_garden(source, target):
     """Copies the weights of a Model Garden model into ours and returns `target`.
 
     `target` is a SpineNet backbone (then `source` is a Model Garden SpineNet /
-    SpineNetMobile, or a detector holding one) or a RetinaNet (then `source` is a Model
-    Garden RetinaNetModel). Raises ValueError naming the first variable whose shape differs,
-    or when the two have different numbers of variables.
+    SpineNetMobile, or a detector holding one), a RetinaNet (then `source` is a Model
+    Garden RetinaNetModel) or a MaskRCNN (a Model Garden MaskRCNNModel with a mask head;
+    the samplers' seed state has no counterpart and is left as it is). Raises ValueError
+    naming the first variable whose shape differs, or when the two have different numbers
+    of variables.
     """
+    if isinstance(target, MaskRCNN):
+        if not hasattr(source, "rpn_head") or getattr(source, "mask_head", None) is None:
+            raise TypeError(
+                f"a MaskRCNN needs a Model Garden MaskRCNNModel with a mask head, got "
+                f"{type(source).__name__}"
+            )
+        _copy(
+            model_garden_variables(source.backbone), spinenet_variables(target.backbone), "backbone"
+        )
+        _copy_by_name(_maskrcnn_heads(source, target))
+        return target
     if isinstance(target, RetinaNet):
         if not hasattr(source, "head"):
             raise TypeError(
@@ -116,6 +130,66 @@ def from_model_garden(source, target):
         )
     _copy(model_garden_variables(_backbone_of(source)), spinenet_variables(target), "backbone")
     return target
+
+
+def _maskrcnn_heads(source, target) -> list:
+    """[(Model Garden layer, our layer, what)] for the three heads of a Mask R-CNN, by Model
+    Garden's layer names (official/vision/modeling/heads)."""
+    heads = (source.rpn_head, source.detection_head[0], source.mask_head)
+    layers = {
+        layer.name: layer
+        for head in heads
+        for layer in head._flatten_layers(include_self=False)  # noqa: SLF001
+    }
+    rpn, box, mask = target.rpn_head, target.box_head, target.mask_head
+    pairs = [("rpn-scores", rpn.scores), ("rpn-boxes", rpn.boxes)]
+    for i, conv in enumerate(rpn.convs):
+        pairs.append((f"rpn-conv_{i}", conv))
+        for level, norms in zip(rpn.levels, rpn.norms, strict=True):
+            pairs.append((f"rpn-conv-norm_{level}_{i}", norms[i]))
+    for prefix, head in (("detection", box), ("mask", mask)):
+        for i, (conv, norm) in enumerate(zip(head.convs, head.norms, strict=True)):
+            pairs += [(f"{prefix}-conv_{i}", conv), (f"{prefix}-conv-bn_{i}", norm)]
+    pairs += [
+        ("detection-fc_0", box.fc),
+        ("detection-fc-bn_0", box.fc_norm),
+        ("detection-scores", box.classifier),
+        ("detection-boxes", box.box_predictor),
+        ("mask-upsampling", mask.upsample),
+        ("mask-deconv-bn", mask.upsample_norm),
+        ("mask-logits", mask.logits),
+    ]
+    missing = sorted(name for name, _ in pairs if name not in layers)
+    if missing:
+        raise ValueError(
+            f"Model Garden's Mask R-CNN has no layer {missing[0]!r} (of {len(missing)} missing); "
+            "the two models are built with different head settings (num_convs, levels)"
+        )
+    names = dict(pairs)
+    unpaired = sorted(
+        n for n, layer in layers.items() if layer.weights and n not in names and layer not in heads
+    )
+    if unpaired:
+        raise ValueError(f"Model Garden's Mask R-CNN heads have layers we lack: {unpaired}")
+    return [(layers[name], layer, name) for name, layer in pairs]
+
+
+def _copy_by_name(pairs):
+    """Copies each Model Garden layer's variables into our layer's, matched by variable kind
+    (kernel, bias, gamma, beta, moving_mean, moving_variance)."""
+    for theirs, ours, name in pairs:
+
+        def kinds(variables, key):
+            out = {key(v).rsplit("/", 1)[-1].split(":")[0]: v for v in variables}
+            return {k: v for k, v in out.items() if k in _CONVERTED_NAMES}
+
+        src = kinds(theirs.weights, lambda v: v.name)
+        dst = kinds(ours.weights, lambda v: v.path)
+        if src.keys() != dst.keys():
+            raise ValueError(
+                f"{name}: Model Garden's variables {sorted(src)} differ from ours {sorted(dst)}"
+            )
+        _copy([src[k] for k in sorted(src)], [dst[k] for k in sorted(src)], name)
 
 
 def build_model_garden_backbone(

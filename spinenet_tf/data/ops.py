@@ -58,15 +58,52 @@ def crop_masks(d: dict, size: int = 112, binarize: bool = False) -> dict:
     `binarize` thresholds them at 0.5.
     """
     masks = tf.cast(d["masks"][..., None], tf.float32)
-    n = tf.shape(masks)[0]
     boxes = d["boxes"]
     if "image_info" in d:
         hw = d["image_info"][0]
         boxes = boxes_to_original(boxes, d["image_info"]) / tf.concat([hw, hw], 0)
-    crops = tf.image.crop_and_resize(masks, boxes, tf.range(n), [size, size])[..., 0]
+    crops = crop_and_resize(masks[..., 0], boxes, size)
     if binarize:
         crops = tf.cast(crops >= 0.5, tf.float32)
     return {**d, "masks": crops}
+
+
+def crop_and_resize(images, boxes, size: int):
+    """tf.image.crop_and_resize (bilinear, extrapolation 0) of one-channel images [n, H, W]
+    at one normalised box each [n, 4] -> [n, size, size] float32, computed separably by
+    gathers: the same values, without the kernel whose missing cost model makes Grappler
+    print a long warning for every input pipeline (tensorflow/tensorflow#56904)."""
+    images = tf.cast(images, tf.float32)
+    boxes = tf.cast(boxes, tf.float32)
+    steps = tf.range(size, dtype=tf.float32) / float(max(size - 1, 1))
+
+    def axis(lo, hi, length):
+        # Sample i at lo * (L - 1) + i * (hi - lo) * (L - 1) / (size - 1), as the kernel
+        # (a single sample is the box's centre); outside [0, L - 1] it reads zero.
+        last = tf.cast(length - 1, tf.float32)
+        if size > 1:
+            at = lo[:, None] * last + steps[None, :] * ((hi - lo) * last)[:, None]
+        else:
+            at = (0.5 * (lo + hi) * last)[:, None]
+        inside = (at >= 0.0) & (at <= last)
+        top = tf.floor(at)
+        frac = at - top
+        low = tf.cast(tf.clip_by_value(top, 0.0, last), tf.int32)
+        high = tf.cast(tf.clip_by_value(tf.math.ceil(at), 0.0, last), tf.int32)
+        return low, high, frac, inside
+
+    shape = tf.shape(images)
+    y0, y1, fy, in_y = axis(boxes[:, 0], boxes[:, 2], shape[1])
+    x0, x1, fx, in_x = axis(boxes[:, 1], boxes[:, 3], shape[2])
+    rows = (
+        tf.gather(images, y0, axis=1, batch_dims=1) * (1.0 - fy[..., None])
+        + tf.gather(images, y1, axis=1, batch_dims=1) * fy[..., None]
+    )  # [n, size, W]
+    out = (
+        tf.gather(rows, x0, axis=2, batch_dims=1) * (1.0 - fx[:, None, :])
+        + tf.gather(rows, x1, axis=2, batch_dims=1) * fx[:, None, :]
+    )
+    return tf.where(in_y[:, :, None] & in_x[:, None, :], out, 0.0)
 
 
 def drop_crowd(d: dict) -> dict:

@@ -34,7 +34,10 @@ class MaskRCNNTask(RetinaNetTask):
     binarize_masks: bool = False
     skip_crowd: bool = True
 
-    train_loss_names = (*_LOSS_NAMES, "total_loss")
+    # Beside the losses, how many images of each global batch had no instance to learn
+    # from (none annotated, crowds only, or all cropped away by the jitter): their samples
+    # are all background and they add no box or mask loss (no NaN: normalisers have +0.01).
+    train_loss_names = (*_LOSS_NAMES, "images_without_instances", "total_loss")
 
     @property
     def decoders(self):
@@ -66,7 +69,11 @@ class MaskRCNNTask(RetinaNetTask):
 
     def train_losses(self, model, targets, outputs):
         losses = model.losses_from(outputs, replica_sum)
-        return {k: losses[k] for k in (*_LOSS_NAMES, "total_loss")}
+        empty = tf.reduce_sum(tf.cast(tf.reduce_all(targets["classes"] <= 0, axis=1), tf.float32))
+        return {
+            **{k: losses[k] for k in (*_LOSS_NAMES, "total_loss")},
+            "images_without_instances": empty,
+        }
 
     def eval_outputs(self, model, images, groundtruth):
         valid_hw = scaled_image_hw(groundtruth["image_info"])

@@ -1,10 +1,14 @@
-"""Parameters and multiply-adds of SpineNet backbones and RetinaNet-SpineNet (91 classes).
+"""Parameters and multiply-adds of SpineNet backbones and RetinaNet-SpineNet (91 classes),
+and with --maskrcnn of Mask R-CNN-SpineNet (91 classes).
 
     python -m spinenet_tf.tools.summary --model_id=49 --image_size=640
     python -m spinenet_tf.tools.summary --all
+    python -m spinenet_tf.tools.summary --model_id=49 --maskrcnn
 
 Multiply-adds are TF profiler float operations / 2 on the inference graph at batch 1 (for
-RetinaNet, the network without box decoding), the way Model Garden reports its FLOPs.
+RetinaNet, the network without box decoding; for Mask R-CNN, the whole inference: 1,000
+proposals through the box head, 100 detections through the mask head), the way Model
+Garden reports its FLOPs.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from absl import app, flags  # noqa: E402
 
 from spinenet_tf import specs  # noqa: E402
 from spinenet_tf.layers.norm import unfused_batch_norm  # noqa: E402
+from spinenet_tf.models.mask_rcnn import build_maskrcnn  # noqa: E402
 from spinenet_tf.models.retinanet import build_retinanet  # noqa: E402
 from spinenet_tf.models.spinenet import build_backbone  # noqa: E402
 
@@ -58,9 +63,18 @@ def parse_image_size(value: str) -> tuple[int, int]:
     return (sizes[0], sizes[-1])
 
 
-def summarize(model_id: str, image_hw: tuple[int, int], num_classes: int = 91) -> dict:
+def summarize(
+    model_id: str, image_hw: tuple[int, int], num_classes: int = 91, maskrcnn: bool = False
+) -> dict:
     backbone = build_backbone(model_id, input_shape=(*image_hw, 3))
     detector = build_retinanet(model_id, num_classes, image_hw)
+    extra = {}
+    if maskrcnn:
+        model = build_maskrcnn(model_id, num_classes, image_hw)
+        extra = {
+            "maskrcnn_params": count_parameters(model),
+            "maskrcnn_gmacs": count_multiply_adds(model, image_hw) / 1e9,
+        }
     return {
         "model_id": model_id,
         "image_size": f"{image_hw[0]}x{image_hw[1]}",
@@ -69,20 +83,24 @@ def summarize(model_id: str, image_hw: tuple[int, int], num_classes: int = 91) -
         "gmacs": count_multiply_adds(backbone, image_hw) / 1e9,
         "retinanet_params": count_parameters(detector),
         "retinanet_gmacs": count_multiply_adds(detector, image_hw) / 1e9,
+        **extra,
     }
 
 
 def format_table(rows: list[dict]) -> str:
+    masks = all("maskrcnn_params" in r for r in rows)
     lines = [
         "| model_id | image size | backbone params | backbone variables | backbone GMACs | "
-        "RetinaNet params | RetinaNet GMACs |",
-        "|---|---|---|---|---|---|---|",
+        "RetinaNet params | RetinaNet GMACs |"
+        + (" Mask R-CNN params | Mask R-CNN GMACs |" if masks else ""),
+        "|---|---|---|---|---|---|---|" + ("---|---|" if masks else ""),
     ]
     for r in rows:
         lines.append(
             f"| {r['model_id']} | {r['image_size']} | {r['params']:,} | "
             f"{r['all_variables']:,} | {r['gmacs']:.3f} | {r['retinanet_params']:,} | "
             f"{r['retinanet_gmacs']:.3f} |"
+            + (f" {r['maskrcnn_params']:,} | {r['maskrcnn_gmacs']:.1f} |" if masks else "")
         )
     return "\n".join(lines)
 
@@ -95,6 +113,7 @@ def define_flags():
     flags.DEFINE_multi_string("model_id", None, f"Model ids, of {', '.join(specs.MODEL_IDS)}.")
     flags.DEFINE_string("image_size", None, "N or HxW; default: the paper's size for the model.")
     flags.DEFINE_bool("all", False, "Summarise every model id at its paper image size.")
+    flags.DEFINE_bool("maskrcnn", False, "Add Mask R-CNN-SpineNet's parameters and GMACs.")
 
 
 def main(argv):
@@ -110,7 +129,7 @@ def main(argv):
             if FLAGS.image_size
             else (specs.PAPER_IMAGE_SIZES[model_id],) * 2
         )
-        rows.append(summarize(model_id, hw))
+        rows.append(summarize(model_id, hw, maskrcnn=FLAGS.maskrcnn))
         print(f"summarised {model_id}", file=sys.stderr, flush=True)
     print(format_table(rows))
 

@@ -219,9 +219,10 @@ class Trainer:
         iterator = iter(self.dataset(training=True))
         writer = self._writer("train")
         previous = signal.signal(signal.SIGTERM, self._request_stop)
+        # Every value shown is the latest host loop's, not a running mean since the start.
         progress = keras.utils.Progbar(
             config.train_steps,
-            stateful_metrics=["total_loss", "cls_loss", "box_loss", "reg_loss", "lr", "images/s"],
+            stateful_metrics=[*self.task.train_loss_names, "reg_loss", "lr", "images/s"],
         )
         progress.update(self.step)
         metrics: dict = {}

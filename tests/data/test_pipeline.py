@@ -464,3 +464,23 @@ def test_jittered_boxes_stay_on_their_pixels():
         expected = np.clip([30, 40, 60, 100], window[:2].tolist() * 2, window[2:].tolist() * 2)
         np.testing.assert_allclose(back, expected, atol=1e-3)
     assert checked >= 6
+
+
+@pytest.mark.parametrize("size", [1, 8, 112])
+def test_crop_and_resize_equals_tensorflows(size, rng):
+    images = rng.uniform(0, 1, (6, 9, 13)).astype(np.float32)
+    # Inside, partly outside, flipped and degenerate boxes.
+    boxes = np.array(
+        [
+            [0.1, 0.2, 0.7, 0.9],
+            [-0.3, 0.5, 0.4, 1.6],
+            [0.0, 0.0, 1.0, 1.0],
+            [0.8, 0.9, 0.2, 0.1],
+            [0.5, 0.5, 0.5, 0.5],
+            [1.2, -0.5, 1.4, -0.2],
+        ],
+        np.float32,
+    )
+    ours = ops.crop_and_resize(images, boxes, size)
+    theirs = tf.image.crop_and_resize(images[..., None], boxes, tf.range(6), [size, size])
+    np.testing.assert_allclose(ours, theirs[..., 0], atol=1e-6)

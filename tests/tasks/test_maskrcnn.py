@@ -96,6 +96,8 @@ def test_predict_records_pasted_masks_and_draws_them(trained):
     assert drawn.size[0] >= 512  # enlarged to be read
 
 
+@pytest.mark.slow  # two trainers (50 s); the default suite checks the two mechanisms, per-image
+# seeds and global-count normalisers, in tests/ops/test_rcnn_targets.py
 def test_two_replicas_train_like_one(shapes_records, shapes_dir, mirrored, tmp_path):
     """Per-image sampling seeds and losses normalised by the global batch's counts: the
     same run on 1 and 2 replicas (ROI sampling included)."""
@@ -119,3 +121,42 @@ out = {k: v.numpy()[0].tolist() for k, v in
 out["imported"] = [m for m in sys.modules if m.split(".")[0] in ("keras", "spinenet_tf")]
 json.dump(out, open(sys.argv[3], "w"))
 """
+
+
+def test_images_without_instances_train_without_nan_and_are_counted(shapes_dir, tmp_path):
+    """A batch of three: an image whose only instance is a crowd, one with no annotation,
+    and one with shapes. The first two give background samples only and are counted."""
+    from spinenet_tf.data import create_coco_tfrecord
+
+    coco = json.loads(shapes.annotation_path(shapes_dir, "train").read_text())
+    images = coco["images"][:3]
+    ids = [im["id"] for im in images]
+    annotations = [a for a in coco["annotations"] if a["image_id"] == ids[2]]
+    crowd = next(a for a in coco["annotations"] if a["image_id"] == ids[0])
+    annotations.append({**crowd, "iscrowd": 1})
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({**coco, "images": images, "annotations": annotations}))
+    prefix = str(tmp_path / "odd")
+    create_coco_tfrecord.convert(
+        shapes.image_dir(shapes_dir, "train"),
+        path,
+        prefix,
+        num_shards=1,
+        include_masks=True,
+        num_workers=0,
+        verbose=False,
+    )
+    records = {"train": prefix + "-*.tfrecord", "val": prefix + "-*.tfrecord"}
+    config = _config(
+        records,
+        shapes_dir,
+        train=DataConfig(source=records["train"], global_batch_size=3, shuffle_buffer=0),
+        train_steps=2,
+        steps_per_loop=2,
+        checkpoint_every=2,
+    )
+    trainer = Trainer(config, tmp_path / "run")
+    trainer.train()
+    (metrics,) = trainer.history
+    assert all(np.isfinite(v) for v in metrics.values()), metrics
+    assert metrics["images_without_instances"] == 2.0  # per step: the crowd-only and empty

@@ -65,3 +65,16 @@ def test_cli_prints_the_table():
     # Model Garden publishes 872,711 and 0.241 G, the latter with its box decoding counted
     # (its network alone: 0.19 G in training mode); ours is the network in inference mode.
     assert "| 872,711 | 0.180 |" in result.stdout, result.stdout
+
+
+@pytest.mark.slow  # full-size Mask R-CNN graphs; 49S@640 takes about 20 s
+@pytest.mark.parametrize(
+    "model_id, size, expected",
+    # Model Garden 2.20's measured figures (../shared/REFERENCE.md, WAVE2.md 1.5).
+    [("49", 640, 215.8e9), ("96", 1024, 314.9e9), ("143", 1280, 499.1e9)],
+)
+def test_maskrcnn_multiply_adds_within_1_percent_of_model_garden(model_id, size, expected):
+    from spinenet_tf.models.mask_rcnn import build_maskrcnn
+
+    macs = summary.count_multiply_adds(build_maskrcnn(model_id, 91, size), (size, size))
+    assert abs(macs - expected) / expected < 0.01, (model_id, macs)

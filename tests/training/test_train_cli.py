@@ -165,12 +165,13 @@ def test_every_experiment_parses(experiment, runtime):
         assert isinstance(config.task, ClassificationTask)
     elif "maskrcnn" in experiment:
         assert isinstance(config.task, MaskRCNNTask)
+    else:
+        assert type(config.task) is RetinaNetTask
+    if experiment.startswith("maskrcnn_"):  # tensorflow/tpu's recipes
         assert config.optimizer.warmup_steps == 2000 and config.optimizer.decay == "step"
         # The first steps past the boundaries are tensorflow/tpu's.
         first = [math.ceil(b * config.train_steps) for b in config.optimizer.boundaries]
         assert first == ([173530, 182910] if "190" in experiment else [148160, 157420])
-    else:
-        assert type(config.task) is RetinaNetTask
     if experiment.endswith("_imagenet.gin"):  # tensorflow/tpu's recipe
         assert (config.num_classes, config.image_size) == (1001, 224)
         assert config.train.global_batch_size == 4096 and config.train_steps == 62557
