@@ -57,12 +57,11 @@ def crop_masks(d: dict, size: int = 112, binarize: bool = False) -> dict:
     The crops stay soft (float32 in [0, 1], as tensorflow/tpu and Model Garden) unless
     `binarize` thresholds them at 0.5.
     """
-    masks = tf.cast(d["masks"][..., None], tf.float32)
     boxes = d["boxes"]
     if "image_info" in d:
         hw = d["image_info"][0]
         boxes = boxes_to_original(boxes, d["image_info"]) / tf.concat([hw, hw], 0)
-    crops = crop_and_resize(masks[..., 0], boxes, size)
+    crops = crop_and_resize(d["masks"], boxes, size)
     if binarize:
         crops = tf.cast(crops >= 0.5, tf.float32)
     return {**d, "masks": crops}

@@ -15,7 +15,7 @@ from spinenet_tf.models.mask_rcnn import build_maskrcnn
 from spinenet_tf.ops.geometry import scaled_image_hw
 from spinenet_tf.ops.masks import encode_rle, paste_masks
 from spinenet_tf.tasks.base import model_settings, replica_sum
-from spinenet_tf.tasks.retinanet import Detector, RetinaNetTask, detections_of
+from spinenet_tf.tasks.retinanet import Detector, RetinaNetTask, detections_of, valid_rows
 
 _LOSS_NAMES = ("rpn_score_loss", "rpn_box_loss", "class_loss", "box_loss", "mask_loss")
 
@@ -114,6 +114,5 @@ class MaskDetector(Detector):
 
     def outputs(self, det, info) -> dict:
         out = super().outputs(det, info)
-        valid = tf.range(tf.shape(det["scores"])[1])[None, :] < det["num_detections"][:, None]
-        out["detection_masks"] = tf.where(valid[..., None, None], det["masks"], 0.0)
+        out["detection_masks"] = tf.where(valid_rows(det)[..., None, None], det["masks"], 0.0)
         return out

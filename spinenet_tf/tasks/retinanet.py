@@ -126,6 +126,11 @@ class RetinaNetTask(Task):
         return records
 
 
+def valid_rows(det: dict):
+    """[B, D] bool: the rows of decoded detections before each image's num_detections."""
+    return tf.range(tf.shape(det["scores"])[1])[None, :] < det["num_detections"][:, None]
+
+
 def detections_of(prediction: dict) -> dict:
     """One image's served outputs -> the detections `draw_detections` takes (with masks when
     the export has detection_masks)."""
@@ -180,7 +185,6 @@ class Detector(ImageServing):
             "detection_classes": det["classes"],
         }
         if self.names is not None:
-            valid = tf.range(tf.shape(det["scores"])[1])[None, :] < det["num_detections"][:, None]
             names = self.names.lookup(det["classes"])
-            out["detection_class_names"] = tf.where(valid, names, "")
+            out["detection_class_names"] = tf.where(valid_rows(det), names, "")
         return out
