@@ -33,6 +33,7 @@ from spinenet_tf.serving.tflite import (  # noqa: E402
     POSTPROCESSING,
     QUANTIZATIONS,
     export_tflite,
+    postprocessing,
     sidecar_path,
 )
 
@@ -73,7 +74,15 @@ flags.DEFINE_enum(
     "custom_op",
     POSTPROCESSING,
     "TFLite detections: custom_op (TFLite_Detection_PostProcess), builtin (the same "
-    "class-agnostic NMS from builtin ops) or raw (per-level class logits and box deltas).",
+    "NMS from builtin ops) or raw (per-level class logits and box deltas).",
+)
+flags.DEFINE_enum(
+    "tflite_nms",
+    "class_agnostic",
+    ["class_agnostic", "per_class"],
+    "TFLite detections' NMS: class_agnostic (one NMS over each anchor's best class; fast) "
+    "or per_class (within each class, as the Keras model decodes; with builtin, the Keras "
+    "model's own decoding; slower with many classes).",
 )
 flags.DEFINE_enum(
     "int8_io",
@@ -85,7 +94,7 @@ flags.DEFINE_enum(
 flags.mark_flags_as_required(["checkpoint", "export_dir"])
 FLAGS = flags.FLAGS
 
-_TFLITE_ONLY = ("quantization", "calibration_steps", "tflite_postprocess", "int8_io")
+_TFLITE_ONLY = ("quantization", "calibration_steps", "tflite_postprocess", "tflite_nms", "int8_io")
 
 
 def check_flags(flag_values) -> None:
@@ -101,6 +110,11 @@ def check_flags(flag_values) -> None:
     for name in ("jit_compile", "input_types"):
         if flag_values[name].present:
             raise app.UsageError(f"--{name} applies to --format=saved_model only")
+    if flag_values["tflite_nms"].present and flag_values.tflite_postprocess == "raw":
+        raise app.UsageError(
+            "--tflite_nms applies to --tflite_postprocess=custom_op or builtin; raw exports "
+            "have no NMS (TFLiteDetector decodes them as the Keras model does)"
+        )
     int8 = flag_values.quantization == "int8"
     if flag_values.int8_io != "float32" and not int8:
         raise app.UsageError(
@@ -144,7 +158,9 @@ def export_tflite_from_flags(task, model, label_map) -> str:
         model,
         path,
         quantization=FLAGS.quantization,
-        postprocess=FLAGS.tflite_postprocess,
+        postprocess=postprocessing(
+            model, FLAGS.tflite_postprocess, class_agnostic=FLAGS.tflite_nms == "class_agnostic"
+        ),
         representative_dataset=images,
         io_dtype=FLAGS.int8_io,
         label_map=label_map,
@@ -165,11 +181,14 @@ def main(argv):
     height, width = model.input_shape[1:3]
     if FLAGS.format == "tflite":
         path = export_tflite_from_flags(task, model, label_map)
+        post = FLAGS.tflite_postprocess
+        if post != "raw":
+            post += f", {FLAGS.tflite_nms} NMS"
         print(
             f"exported {model.name} ({height}x{width} input, {len(label_map)} labels, "
-            f"{FLAGS.quantization}, {FLAGS.tflite_postprocess}) to {path} "
-            f"({tf.io.gfile.stat(path).length / 1e6:.2f} MB) and its contract to "
-            f"{sidecar_path(path)}",
+            f"{FLAGS.quantization}, {post}) to {path} "
+            f"({tf.io.gfile.stat(path).length / 1e6:.2f} MB), its contract in the file and "
+            f"in {sidecar_path(path)}",
             file=sys.stdout,
             flush=True,
         )

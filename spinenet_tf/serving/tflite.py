@@ -4,9 +4,10 @@ builtin ops only.
 
 The exported model has one signature, "serving_default", taking one static-size image
 already resized and normalised (float32 [1, H, W, 3]; uint8 with int8 and uint8 I/O); the
-preprocessing contract, the outputs and the label map are written beside it as JSON
-(`sidecar_path`). Quantisation-aware training is not offered: the TF Model Optimization
-toolkit does not support Keras 3 (tensorflow/model-optimization#1119).
+preprocessing contract, the outputs and the label map are JSON, held in the file's metadata
+(`read_contract`) and written beside it (`sidecar_path`). Quantisation-aware training is
+not offered: the TF Model Optimization toolkit does not support Keras 3
+(tensorflow/model-optimization#1119).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ DETECTION_OUTPUTS = ("detection_boxes", "detection_classes", "detection_scores",
 CUSTOM_OP = "TFLite_Detection_PostProcess"
 # The ops past the network's raw outputs, which int8 quantisation leaves in float.
 POSTPROCESS_SCOPE = "postprocess"
+# The name of the export's contract (the sidecar JSON) in the file's metadata.
+CONTRACT_METADATA = "spinenet_tf_contract"
 
 
 def sidecar_path(path: str) -> str:
@@ -44,17 +47,27 @@ def sidecar_path(path: str) -> str:
 class PostProcessing:
     """What follows the network in the exported graph.
 
-    mode: "custom_op": TFLite's TFLite_Detection_PostProcess (fast, class-agnostic NMS over
-    each anchor's best class; the op TFLite's detection tooling and delegates know);
-    "builtin": the same NMS from builtin ops (NON_MAX_SUPPRESSION_V5 among them); "raw": no
-    post-processing, per-level class logits and box deltas. Both NMS variants keep a box
-    scoring > score_threshold (>= for the custom op) and suppress at IoU > iou_threshold.
+    mode: "custom_op": TFLite's TFLite_Detection_PostProcess (the op TFLite's detection
+    tooling and delegates know); "builtin": NMS from builtin ops (NON_MAX_SUPPRESSION_V5
+    among them); "raw": no post-processing, per-level class logits and box deltas. Both NMS
+    variants keep a box scoring > score_threshold (>= for the custom op) and suppress at
+    IoU > iou_threshold.
+
+    class_agnostic (default): one NMS over each anchor's best class, the fast choice on a
+    device (the op's default, use_regular_nms false). False: NMS within each class, as the
+    Keras model decodes (more accurate, slower with many classes): the custom op's regular
+    NMS over every (anchor, class) pair above the threshold; the builtin variant is the
+    Keras model's own decoding (each level's top pre_nms_top_k (anchor, class) pairs, boxes
+    clipped to the input, NMS within each class; `DetectionConfig`'s "per_level"), less
+    the boxes wholly outside the input, which the Keras model keeps with zero area.
     """
 
     mode: str = "custom_op"
     max_detections: int = 100
     score_threshold: float = 0.05
     iou_threshold: float = 0.5
+    class_agnostic: bool = True
+    pre_nms_top_k: int = 1000
 
     def __post_init__(self):
         if self.mode not in POSTPROCESSING:
@@ -63,6 +76,8 @@ class PostProcessing:
             raise ValueError(f"max_detections must be >= 1, got {self.max_detections}")
         if not 0.0 < self.iou_threshold <= 1.0:
             raise ValueError(f"iou_threshold {self.iou_threshold} must be in (0, 1]")
+        if self.pre_nms_top_k < 1:
+            raise ValueError(f"pre_nms_top_k must be >= 1, got {self.pre_nms_top_k}")
 
 
 def float32_model(model):
@@ -138,7 +153,7 @@ def _custom_op_signature(post: PostProcessing, num_classes: int) -> str:
         ("max_detections", "i", post.max_detections),
         ("max_classes_per_detection", "i", 1),
         ("detections_per_class", "i", post.max_detections),
-        ("use_regular_nms", "b", "false"),
+        ("use_regular_nms", "b", "false" if post.class_agnostic else "true"),
         ("nms_score_threshold", "f", _logit(post.score_threshold)),
         ("nms_iou_threshold", "f", post.iou_threshold),
         ("y_scale", "f", 1.0),
@@ -191,27 +206,30 @@ def _custom_op_detections(model, raw: dict, post: PostProcessing) -> dict:
 
 def _builtin_detections(model, raw: dict, post: PostProcessing) -> dict:
     logits, deltas = _concat_outputs(model, raw)
-    # In logit space, as the custom op (see there).
-    best = tf.reduce_max(logits[0, :, 1:], axis=-1)
-    classes = tf.cast(tf.argmax(logits[0, :, 1:], axis=-1), tf.int32) + 1
     anchors = center_size_anchors(model)
-    dy, dx, dh, dw = tf.unstack(deltas[0], axis=-1)
-    yc = dy * anchors[:, 2] + anchors[:, 0]
-    xc = dx * anchors[:, 3] + anchors[:, 1]
-    half_h = 0.5 * tf.exp(dh) * anchors[:, 2]
-    half_w = 0.5 * tf.exp(dw) * anchors[:, 3]
-    boxes = tf.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], axis=-1)
-    # Clipped before NMS, as `RetinaNet.detect` does. A box wholly outside the input
-    # clips to zero area, and TFLite's NON_MAX_SUPPRESSION_V5 returns such a box again and
-    # again (its IoU with itself is 0): those are dropped.
-    boxes = tf.clip_by_value(boxes, 0.0, 1.0)
+    # In logit space, as the custom op (see there).
+    if post.class_agnostic:
+        scores = tf.reduce_max(logits[0, :, 1:], axis=-1)
+        classes = tf.cast(tf.argmax(logits[0, :, 1:], axis=-1), tf.int32) + 1
+        boxes = _decode_clipped(deltas[0], anchors)
+    else:
+        scores, anchor_idx, classes = _top_k_per_level(
+            logits[0, :, 1:], model.level_sizes, post.pre_nms_top_k
+        )
+        boxes = _decode_clipped(tf.gather(deltas[0], anchor_idx), tf.gather(anchors, anchor_idx))
+    # A box wholly outside the input clips to zero area, and TFLite's NON_MAX_SUPPRESSION_V5
+    # returns such a box again and again (its IoU with itself is 0): those are dropped.
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    best = tf.where(area > 0.0, best, np.finfo(np.float32).min)
+    scores = tf.where(area > 0.0, scores, np.finfo(np.float32).min)
+    # NMS within each class as one NMS: each class's boxes moved to a square of their own
+    # ([c, c + 1] on both axes, c the class id), so boxes of two classes never overlap.
+    # IoU is unchanged up to float32 rounding at the offset (below 1e-5 of a box side).
+    offset = 0.0 if post.class_agnostic else tf.cast(classes, tf.float32)[:, None]
     # The raw op: TF's tf.image wrappers add ops TFLite lacks; this one maps to the builtin
     # NON_MAX_SUPPRESSION_V5 (padded output, count of valid rows).
     selected, _, num = tf.raw_ops.NonMaxSuppressionV5(
-        boxes=boxes,
-        scores=best,
+        boxes=boxes + offset,
+        scores=scores,
         max_output_size=post.max_detections,
         iou_threshold=post.iou_threshold,
         score_threshold=_logit(post.score_threshold),
@@ -221,10 +239,41 @@ def _builtin_detections(model, raw: dict, post: PostProcessing) -> dict:
     return _detections(
         tf.gather(boxes, selected)[None],
         tf.gather(classes, selected)[None],
-        tf.sigmoid(tf.gather(best, selected))[None],
+        tf.sigmoid(tf.gather(scores, selected))[None],
         num[None],
         post,
     )
+
+
+def _decode_clipped(deltas, anchors):
+    """Boxes (ymin, xmin, ymax, xmax) as fractions of the input, clipped to it, from deltas
+    [M, 4] (log-scales already capped) and center-size anchors [M, 4]. Clipped before NMS,
+    as `RetinaNet.detect` does."""
+    anchors = tf.convert_to_tensor(anchors, tf.float32)
+    dy, dx, dh, dw = tf.unstack(deltas, axis=-1)
+    yc = dy * anchors[:, 2] + anchors[:, 0]
+    xc = dx * anchors[:, 3] + anchors[:, 1]
+    half_h = 0.5 * tf.exp(dh) * anchors[:, 2]
+    half_w = 0.5 * tf.exp(dw) * anchors[:, 3]
+    boxes = tf.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], axis=-1)
+    return tf.clip_by_value(boxes, 0.0, 1.0)
+
+
+def _top_k_per_level(logits, level_sizes, k: int):
+    """Each level's top k (anchor, class) pairs of logits [N, K - 1] (foreground columns), as
+    the Keras model's "per_level" pre-NMS selection: logits, anchor indices and classes
+    (1-based) [M], TOPK_V2 in TFLite."""
+    num_fg = logits.shape[-1]
+    values, anchor_idx, classes = [], [], []
+    start = 0
+    for size in level_sizes:
+        level = tf.reshape(logits[start : start + size], [size * num_fg])
+        top, idx = tf.math.top_k(level, k=min(k, size * num_fg))
+        values.append(top)
+        anchor_idx.append(idx // num_fg + start)
+        classes.append(idx % num_fg + 1)
+        start += size
+    return tf.concat(values, 0), tf.concat(anchor_idx, 0), tf.concat(classes, 0)
 
 
 def _detections(boxes, classes, scores, num, post: PostProcessing) -> dict:
@@ -309,7 +358,7 @@ def convert(
     if quantization == "int8" and representative_dataset is None:
         raise ValueError("quantization='int8' needs a representative_dataset to calibrate on")
     if not isinstance(postprocess, PostProcessing):
-        postprocess = _default_postprocessing(model, postprocess)
+        postprocess = postprocessing(model, postprocess)
     model = float32_model(model)
     concrete = serving_function(model, postprocess).get_concrete_function()
     # Variables tracked by a plain module: the converter saves it to read the signature
@@ -344,8 +393,17 @@ def share_vectors(data: bytes) -> bytes:
     Files whose weights sit past the flatbuffer (buffer offsets, models over 2 GB) are
     returned as they are.
     """
-    import flatbuffers
     from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(data)
+    if any(buffer.offset > 1 for buffer in model.buffers):
+        return data
+    return _pack(model, len(data))
+
+
+def _pack(model, size: int) -> bytes:
+    """A model object (flatbuffer_utils') as .tflite bytes, each distinct vector once."""
+    import flatbuffers
 
     class SharingBuilder(flatbuffers.Builder):
         def __init__(self, size):
@@ -358,12 +416,42 @@ def share_vectors(data: bytes) -> bytes:
                 self.written[key] = super().CreateNumpyVector(x)
             return self.written[key]
 
+    builder = SharingBuilder(size)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def embed_contract(data: bytes, contract: dict) -> bytes:
+    """The .tflite model `data` with `contract` (the export's JSON, UTF-8) in the file: a
+    buffer named CONTRACT_METADATA in the model's metadata list, where TFLite keeps its own
+    named entries (min_runtime_version); runtimes ignore names they do not know. Files
+    whose weights sit past the flatbuffer (over 2 GB) are returned as they are."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
     model = flatbuffer_utils.convert_bytearray_to_object(data)
     if any(buffer.offset > 1 for buffer in model.buffers):
         return data
-    builder = SharingBuilder(len(data))
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(contract, indent=1).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = CONTRACT_METADATA.encode(), len(model.buffers) - 1
+    others = [m for m in model.metadata or [] if m.name.decode() != CONTRACT_METADATA]
+    model.metadata = [*others, entry]
+    return _pack(model, len(data) + len(buffer.data))
+
+
+def read_contract(data: bytes) -> dict | None:
+    """The contract `embed_contract` put in a .tflite file's bytes, or None."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == CONTRACT_METADATA:
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    return None
 
 
 # The narrowest calibrated range an int8 activation keeps. A dead channel (a 1-filter
@@ -417,7 +505,7 @@ def _quantize_network(converter, io_dtype: str, raw: bool) -> bytes:
     return lite_convert.deduplicate_readonly_buffers(quantized)
 
 
-def _default_postprocessing(model, mode: str) -> PostProcessing:
+def postprocessing(model, mode: str, class_agnostic: bool = True) -> PostProcessing:
     """The model's own decoding thresholds for `mode`."""
     config = model.detection_config
     return PostProcessing(
@@ -425,6 +513,8 @@ def _default_postprocessing(model, mode: str) -> PostProcessing:
         max_detections=config.max_detections,
         score_threshold=config.score_threshold,
         iou_threshold=config.iou_threshold,
+        class_agnostic=class_agnostic,
+        pre_nms_top_k=config.pre_nms_top_k,
     )
 
 
@@ -438,8 +528,9 @@ def export_tflite(
     label_map: dict | None = None,
     allow_flex: bool = False,
 ) -> str:
-    """Writes `model` (a RetinaNet) as a TFLite file at `path` and its contract as JSON at
-    `sidecar_path(path)`; returns path.
+    """Writes `model` (a RetinaNet) as a TFLite file at `path` and its contract as JSON, in
+    the file (metadata CONTRACT_METADATA, `read_contract`) and at `sidecar_path(path)`;
+    returns path.
 
     The model takes one image, float32 [1, H, W, 3] at the model's image size, resized
     keeping its aspect ratio, padded bottom-right and normalised as the evaluation pipeline
@@ -449,7 +540,8 @@ def export_tflite(
       model.detection_config): detection_boxes [1, D, 4] float32 (ymin, xmin, ymax, xmax as
       fractions of the input height / width), detection_classes [1, D] int32 (the dataset's
       category ids), detection_scores [1, D], num_detections [1] int32; rows past
-      num_detections are zero. NMS is class-agnostic over each anchor's best class.
+      num_detections are zero. NMS is class-agnostic over each anchor's best class unless
+      postprocess is a PostProcessing with class_agnostic=False (see there).
     - "raw": class_logits_P{l} [1, N_l, K] and box_deltas_P{l} [1, N_l, 4] per level, anchors
       as `model.anchor_boxes` (the JSON has the anchor settings and box coding).
 
@@ -464,11 +556,11 @@ def export_tflite(
     """
     data = convert(model, quantization, postprocess, representative_dataset, io_dtype, allow_flex)
     if not isinstance(postprocess, PostProcessing):
-        postprocess = _default_postprocessing(model, postprocess)
+        postprocess = postprocessing(model, postprocess)
+    contract = describe(model, data, quantization, postprocess, label_map)
     tf.io.gfile.makedirs(os.path.dirname(path) or ".")
     with tf.io.gfile.GFile(path, "wb") as f:
-        f.write(data)
-    contract = describe(model, data, quantization, postprocess, label_map)
+        f.write(embed_contract(data, contract))
     with tf.io.gfile.GFile(sidecar_path(path), "w") as f:
         json.dump(contract, f, indent=1)
     return path
@@ -559,7 +651,8 @@ def make_interpreter(model_path: str | None = None, model_content: bytes | None 
 
 
 class TFLiteDetector:
-    """Runs an exported detector (a .tflite file and its JSON) on images of any size.
+    """Runs an exported detector (a .tflite file and its contract: the one in the file, else
+    the JSON beside it) on images of any size.
 
     `detect(pixels)` applies the preprocessing the JSON states and returns what the
     SavedModel's `Detector` serves for one image: num_detections [1], detection_boxes
@@ -571,16 +664,24 @@ class TFLiteDetector:
         json_path = sidecar_path(path)
         if not tf.io.gfile.exists(path):
             raise ValueError(f"no TFLite file {path}")
-        if not tf.io.gfile.exists(json_path):
-            raise ValueError(
-                f"{path} has no {json_path} beside it, which states its input and outputs: "
-                "export it with python -m spinenet_tf.export --format=tflite"
-            )
-        with tf.io.gfile.GFile(json_path) as f:
-            self.contract = json.load(f)
-        self.path = path
         with tf.io.gfile.GFile(path, "rb") as f:
-            self.interpreter = make_interpreter(model_content=f.read(), num_threads=num_threads)
+            data = f.read()
+        # The contract in the file; else (files exported before it was embedded, or edited
+        # by other tools) the JSON beside it.
+        self.contract = read_contract(data)
+        if self.contract is None:
+            if not tf.io.gfile.exists(json_path):
+                raise ValueError(
+                    f"{path} holds no {CONTRACT_METADATA} metadata and has no {json_path} "
+                    "beside it, which state its input and outputs: export it with "
+                    "python -m spinenet_tf.export --format=tflite"
+                )
+            with tf.io.gfile.GFile(json_path) as f:
+                self.contract = json.load(f)
+        else:
+            json_path = f"its {CONTRACT_METADATA} metadata"
+        self.path = path
+        self.interpreter = make_interpreter(model_content=data, num_threads=num_threads)
         self.runner = self.interpreter.get_signature_runner()
         self.input = self.runner.get_input_details()[INPUT_NAME]
         expected = self.contract["input"]

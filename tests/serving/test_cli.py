@@ -163,6 +163,10 @@ def test_tflite_flags_that_do_not_go_together_are_named(tmp_path):
             "--int8_io=uint8 needs --quantization=int8, got --quantization=none",
         ),
         (["--format=tflite", "--jit_compile"], "--jit_compile applies to --format=saved_model"),
+        (
+            ["--format=tflite", "--tflite_postprocess=raw", "--tflite_nms=per_class"],
+            "--tflite_nms applies to --tflite_postprocess=custom_op or builtin",
+        ),
     ]:
         result = _run("spinenet_tf.export", *required, *flags)
         assert result.returncode != 0
@@ -197,6 +201,8 @@ def test_export_int8_tflite_then_predict_with_it(checkpoint, images, shapes_reco
         contract = json.loads((exported / f"model_{name}.json").read_text())
         assert contract["input"]["shape"] == [1, 64, 64, 3]
         assert contract["label_map"]["4"] == "star"
+        if quantization == "none":  # predict reads the contract in the file
+            (exported / f"model_{name}.json").unlink()
         out = tmp_path / f"predictions_{name}"
         result = _run(
             "spinenet_tf.predict",

@@ -126,14 +126,21 @@ def test_float32_raw_outputs_equal_the_keras_model(model, converted, images):
 
 
 def _reference_nms(model, image, post: tflite.PostProcessing, clip_before_nms: bool) -> dict:
-    """Class-agnostic greedy NMS over each anchor's best class, in NumPy on the Keras
-    model's outputs: what both exported variants compute."""
+    """Greedy NMS in NumPy on the Keras model's outputs: class-agnostic over each anchor's
+    best class (what both exported variants compute by default), or, with
+    post.class_agnostic False, within each class over every (anchor, class) pair (the custom
+    op's regular NMS)."""
     out = model(image[None], training=False)
     logits = out["class_logits"].numpy()[0].astype(np.float64)
     deltas = out["box_deltas"].numpy()[0].astype(np.float64)
     scores = 1 / (1 + np.exp(-logits[:, 1:]))
-    best, classes = scores.max(-1), scores.argmax(-1) + 1
-    yc, xc, ha, wa = tflite.center_size_anchors(model).astype(np.float64).T
+    if post.class_agnostic:
+        best, classes, anchor = scores.max(-1), scores.argmax(-1) + 1, np.arange(len(scores))
+    else:  # every pair, as rows (anchor, class)
+        anchor, column = np.divmod(np.arange(scores.size), scores.shape[1])
+        best, classes = scores.ravel(), column + 1
+        deltas = deltas[anchor]
+    yc, xc, ha, wa = tflite.center_size_anchors(model).astype(np.float64)[anchor].T
     dh, dw = (np.minimum(deltas[:, i], BBOX_XFORM_CLIP) for i in (2, 3))
     cy, cx = deltas[:, 0] * ha + yc, deltas[:, 1] * wa + xc
     h, w = np.exp(dh) * ha, np.exp(dw) * wa
@@ -157,7 +164,8 @@ def _reference_nms(model, image, post: tflite.PostProcessing, clip_before_nms: b
         union = area + area[i] - inter
         # Zero-area boxes (clipped to a border) overlap nothing, as in both TFLite kernels.
         iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-        live &= iou <= post.iou_threshold
+        same = np.full_like(live, True) if post.class_agnostic else classes == classes[i]
+        live &= (iou <= post.iou_threshold) | ~same
     return {
         "boxes": np.clip(boxes[kept], 0, 1),
         "scores": best[kept],
@@ -165,13 +173,16 @@ def _reference_nms(model, image, post: tflite.PostProcessing, clip_before_nms: b
     }
 
 
-@pytest.mark.parametrize("mode", ["custom_op", "builtin"])
-def test_float32_detections_equal_class_agnostic_nms_on_the_keras_outputs(
-    model, converted, images, mode
+# The per-class builtin variant is the Keras model's decoding: tested against it below.
+@pytest.mark.parametrize(
+    "mode, class_agnostic", [("custom_op", True), ("builtin", True), ("custom_op", False)]
+)
+def test_float32_detections_equal_nms_on_the_keras_outputs(
+    model, converted, images, mode, class_agnostic
 ):
-    post = tflite._default_postprocessing(model, mode)
+    post = tflite.postprocessing(model, mode, class_agnostic=class_agnostic)
     for image in images:
-        served = _run(converted[mode], image)
+        served = _run(converted[post], image)
         expected = _reference_nms(model, image, post, clip_before_nms=mode == "builtin")
         n = len(expected["scores"])
         assert n > 10
@@ -185,14 +196,44 @@ def test_float32_detections_equal_class_agnostic_nms_on_the_keras_outputs(
         assert not served["detection_classes"][0, n:].any()
 
 
+def test_per_class_builtin_detections_are_the_keras_models_decoding(model, converted, images):
+    post = tflite.postprocessing(model, "builtin", class_agnostic=False)
+    # Each level's top 1000 pairs: 2,304 pairs at P3 (8 x 8 x 9 anchors x 4 classes), so the
+    # per-level cut is exercised.
+    assert post.pre_nms_top_k == 1000 < model.level_sizes[0] * 4
+    for image in images:
+        served = _run(converted[post], image)
+        det = model.detect(model(image[None], training=False))
+        # Less the boxes wholly outside the input, which the Keras model keeps with zero
+        # area (they suppress nothing) and the export drops (NON_MAX_SUPPRESSION_V5 would
+        # return them again and again).
+        boxes = det["boxes"][0, : int(det["num_detections"][0])].numpy()
+        inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        n = int(inside.sum())
+        assert n > 10 and int(served["num_detections"][0]) == n
+        assert len(np.unique(det["classes"][0][: len(inside)][inside])) > 1
+        for key, name, scale in (
+            ("classes", "detection_classes", 1),
+            ("scores", "detection_scores", 1),
+            ("boxes", "detection_boxes", SIZE),
+        ):
+            expected = det[key][0][: len(inside)].numpy()[inside]
+            np.testing.assert_allclose(
+                served[name][0, :n] * scale, expected, atol=1e-4, err_msg=key
+            )
+            assert not served[name][0, n:].any()
+
+
 def _op_names(data: bytes) -> set:
     interpreter = tflite.make_interpreter(model_content=data)
     return {op["op_name"] for op in interpreter._get_ops_details()}
 
 
-def test_exports_hold_builtin_ops_only_checked_by_the_analyzer(converted, capfd):
-    for mode in tflite.POSTPROCESSING:
+def test_exports_hold_builtin_ops_only_checked_by_the_analyzer(model, converted, capfd):
+    per_class = tflite.postprocessing(model, "builtin", class_agnostic=False)
+    for mode in (*tflite.POSTPROCESSING, per_class):
         data = converted[mode]
+        mode = getattr(mode, "mode", mode)
         capfd.readouterr()
         tf.lite.experimental.Analyzer.analyze(model_content=data)
         report = capfd.readouterr().out
@@ -202,6 +243,7 @@ def test_exports_hold_builtin_ops_only_checked_by_the_analyzer(converted, capfd)
         custom = {op for op in _op_names(data) if not op.isupper()}
         assert custom == expected_custom, mode
     assert "NON_MAX_SUPPRESSION_V5" in _op_names(converted["builtin"])
+    assert {"TOPK_V2", "NON_MAX_SUPPRESSION_V5"} <= _op_names(converted[per_class])
     # Upsampling is a broadcasting MUL, which XNNPACK runs; BROADCAST_TO is not delegated.
     assert "BROADCAST_TO" not in _op_names(converted["raw"])
 
@@ -322,9 +364,21 @@ def test_int8_with_uint8_io_documents_its_quantisation(model, tmp_path):
             assert _cosine(value, expected) > 0.99, name
 
 
-def test_sidecar_json_states_the_contract(model, tmp_path):
-    path = tflite.export_tflite(model, str(tmp_path / "m.tflite"), label_map=LABELS)
+def test_contract_in_the_file_and_beside_it(model, converted, images, tmp_path):
+    post = tflite.postprocessing(model, "builtin", class_agnostic=False)
+    path = tflite.export_tflite(model, str(tmp_path / "m.tflite"), "none", post, label_map=LABELS)
     contract = json.loads((tmp_path / "m.json").read_text())
+    data = (tmp_path / "m.tflite").read_bytes()
+    assert tflite.read_contract(data) == contract
+    assert tflite.read_contract(converted[post]) is None
+    # The metadata changes nothing the interpreter computes.
+    for image in images:
+        with_contract, without = _run(data, image), _run(converted[post], image)
+        for name, value in without.items():
+            np.testing.assert_array_equal(with_contract[name], value, err_msg=name)
+    (tmp_path / "m.json").unlink()
+    detector = tflite.TFLiteDetector(path)
+    assert detector.contract == contract and detector.label_map == LABELS
     assert contract["input"]["shape"] == [1, SIZE, SIZE, 3]
     assert contract["input"]["dtype"] == "float32" and "quantization" not in contract["input"]
     assert contract["input"]["mean"] == pytest.approx([123.675, 116.28, 103.53])
@@ -332,7 +386,8 @@ def test_sidecar_json_states_the_contract(model, tmp_path):
     assert contract["label_map"] == {str(k): v for k, v in LABELS.items()}
     assert sorted(contract["outputs"]) == sorted(tflite.DETECTION_OUTPUTS)
     assert contract["outputs"]["detection_boxes"]["shape"] == [1, 100, 4]
-    assert contract["postprocess"]["mode"] == "custom_op"
+    assert contract["postprocess"]["mode"] == "builtin"
+    assert contract["postprocess"]["class_agnostic"] is False
     assert contract["postprocess"]["score_threshold"] == pytest.approx(0.05)
     assert contract["anchors"]["anchor_size"] == 3.0
     assert tflite.sidecar_path(path) == str(tmp_path / "m.json")
@@ -372,7 +427,7 @@ def _write(model, data: bytes, directory, mode: str, labels=LABELS) -> str:
     path = str(directory / f"{mode}.tflite")
     with open(path, "wb") as f:
         f.write(data)
-    post = tflite._default_postprocessing(model, mode)
+    post = tflite.postprocessing(model, mode)
     with open(tflite.sidecar_path(path), "w") as f:
         json.dump(tflite.describe(model, data, "none", post, labels), f)
     return path
@@ -424,7 +479,7 @@ def test_detector_names_wrong_inputs_and_files(model, converted, tmp_path):
         detector.detect(np.zeros((SIZE, SIZE, 3), np.float32))
     bare = tmp_path / "bare.tflite"
     bare.write_bytes(converted["custom_op"])
-    with pytest.raises(ValueError, match="bare.tflite has no .*bare.json beside it"):
+    with pytest.raises(ValueError, match="bare.tflite holds no .* and has no .*bare.json beside"):
         tflite.TFLiteDetector(str(bare))
     contract = json.loads((tmp_path / "custom_op.json").read_text())
     contract["input"]["shape"] = [1, 128, 128, 3]
