@@ -41,8 +41,10 @@ class AnchorConfig:
     def feature_size(self, image_hw, level: int) -> tuple[int, int]:
         return level_size(tuple(int(s) for s in image_hw), level)
 
-    def level_boxes(self, image_hw, level: int) -> np.ndarray:
-        """Anchors of one level, [H_l, W_l, A, 4] as (ymin, xmin, ymax, xmax) in pixels.
+    def level_grid(self, image_hw, level: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One level's anchor centres and sizes in pixels (float64): yc [H_l] of each row,
+        xc [W_l] of each column and (h, w) [A, 2] of each anchor shape (scales, then aspect
+        ratios). The level's anchors are every (row, column, shape), in that order.
 
         As in Model Garden, the stride is image size / feature size, so the centres cover the
         image also when it is not a multiple of 2**level.
@@ -51,14 +53,17 @@ class AnchorConfig:
         stride_y, stride_x = image_hw[0] / fh, image_hw[1] / fw
         yc = (np.arange(fh, dtype=np.float64) + 0.5) * stride_y
         xc = (np.arange(fw, dtype=np.float64) + 0.5) * stride_x
-        yc, xc = np.meshgrid(yc, xc, indexing="ij")
-        boxes = []
+        sizes = []
         for scale in range(self.num_scales):
             base = self.anchor_size * 2**level * 2 ** (scale / self.num_scales)
-            for ratio in self.aspect_ratios:
-                half_w = base * ratio**0.5 / 2.0
-                half_h = base * ratio**-0.5 / 2.0
-                boxes.append(np.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], -1))
+            sizes += [(base * ratio**-0.5, base * ratio**0.5) for ratio in self.aspect_ratios]
+        return yc, xc, np.array(sizes, np.float64)
+
+    def level_boxes(self, image_hw, level: int) -> np.ndarray:
+        """Anchors of one level, [H_l, W_l, A, 4] as (ymin, xmin, ymax, xmax) in pixels."""
+        yc, xc, sizes = self.level_grid(image_hw, level)
+        yc, xc = np.meshgrid(yc, xc, indexing="ij")
+        boxes = [np.stack([yc - h / 2, xc - w / 2, yc + h / 2, xc + w / 2], -1) for h, w in sizes]
         return np.stack(boxes, axis=2).astype(np.float32)
 
     def boxes(self, image_hw) -> np.ndarray:
