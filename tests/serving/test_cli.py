@@ -154,10 +154,30 @@ def test_restore_model_rejects_a_checkpoint_of_another_model(checkpoint):
         restore_model(other, str(checkpoint / "ckpt-99"))
 
 
+# Flag checks in one process (TensorFlow's import is most of a run's time): each set of
+# arguments parsed into the export CLI's flags and given to its check_flags.
+_CHECK_FLAGS = """
+import json, sys
+from absl import app
+from spinenet_tf import export
+for args in json.loads(sys.argv[1]):
+    export.FLAGS.unparse_flags()
+    export.FLAGS(["export", *args])
+    try:
+        export.check_flags(export.FLAGS)
+        print("accepted")
+    except app.UsageError as e:
+        print(f"UsageError: {e}")
+"""
+
+
 def test_tflite_flags_that_do_not_go_together_are_named(tmp_path):
     required = [f"--checkpoint={tmp_path}", f"--export_dir={tmp_path / 'x'}", *GIN]
-    for flags, message in [
-        (["--quantization=int8"], "--quantization apply to --format=tflite only"),
+    # The CLI itself: a usage error, exit status non-zero, the message on stderr.
+    result = _run("spinenet_tf.export", *required, "--quantization=int8")
+    assert result.returncode != 0
+    assert "--quantization apply to --format=tflite only" in result.stderr, result.stderr[-2000:]
+    cases = [
         (
             ["--format=tflite", "--int8_io=uint8"],
             "--int8_io=uint8 needs --quantization=int8, got --quantization=none",
@@ -167,10 +187,21 @@ def test_tflite_flags_that_do_not_go_together_are_named(tmp_path):
             ["--format=tflite", "--tflite_postprocess=raw", "--tflite_nms=per_class"],
             "--tflite_nms applies to --tflite_postprocess=custom_op or builtin",
         ),
-    ]:
-        result = _run("spinenet_tf.export", *required, *flags)
-        assert result.returncode != 0
-        assert message in result.stderr, result.stderr[-2000:]
+        (["--format=tflite", "--tflite_postprocess=builtin", "--tflite_nms=per_class"], None),
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(ROOT))
+    args = json.dumps([[*map(str, required), *flags] for flags, _ in cases])
+    result = subprocess.run(
+        [sys.executable, "-c", _CHECK_FLAGS, args], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("Usage", "acc"))]
+    assert len(lines) == len(cases), result.stdout
+    for line, (flags, message) in zip(lines, cases, strict=True):
+        if message is None:
+            assert line == "accepted", (flags, line)
+        else:
+            assert line.startswith("UsageError: ") and message in line, (flags, line)
 
 
 @pytest.mark.slow  # export and predict processes
