@@ -177,12 +177,12 @@ def _maskrcnn_heads(source, target) -> list:
 def _copy_by_name(pairs):
     """Copies each Model Garden layer's variables into our layer's, matched by variable kind
     (kernel, bias, gamma, beta, moving_mean, moving_variance)."""
+
+    def kinds(variables, key):
+        out = {key(v).rsplit("/", 1)[-1].split(":")[0]: v for v in variables}
+        return {k: v for k, v in out.items() if k in _CONVERTED_NAMES}
+
     for theirs, ours, name in pairs:
-
-        def kinds(variables, key):
-            out = {key(v).rsplit("/", 1)[-1].split(":")[0]: v for v in variables}
-            return {k: v for k, v in out.items() if k in _CONVERTED_NAMES}
-
         src = kinds(theirs.weights, lambda v: v.name)
         dst = kinds(ours.weights, lambda v: v.path)
         if src.keys() != dst.keys():

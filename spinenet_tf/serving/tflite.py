@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from spinenet_tf.data import ops
 from spinenet_tf.ops.boxes import BBOX_XFORM_CLIP
+from spinenet_tf.ops.postprocess import top_k_per_level
 
 QUANTIZATIONS = ("none", "fp16", "dynamic", "int8")
 POSTPROCESSING = ("custom_op", "builtin", "raw")
@@ -152,13 +153,14 @@ def center_size_anchors(model) -> np.ndarray:
     return np.concatenate(levels, axis=0)
 
 
-def _anchor_tensor(model, zero) -> tf.Tensor:
+def _anchor_tensor(model, deltas) -> tf.Tensor:
     """`center_size_anchors(model)` computed in the graph from its per-level vectors: a few
     KB in the file instead of a table of N x 16 bytes (0.20 MB for mobile-49XS at 256 px,
     0.44 MB at 384). The converter folds constant subgraphs into tables, so the vectors are
-    broadcast by adding `zero`, a float32 scalar zero computed at run time (0 x a box delta),
-    which keeps the grid in the graph as FILL and ADD ops. Adding 0 is exact: the values are
-    center_size_anchors' to the bit."""
+    broadcast by adding a float32 zero computed at run time (0 x the first of the box
+    `deltas`), which keeps the grid in the graph as FILL and ADD ops. Adding 0 is exact: the
+    values are center_size_anchors' to the bit."""
+    zero = deltas[0, 0, 0] * 0.0
     levels = []
     for yc, xc, h, w in _anchor_vectors(model):
         zeros = tf.fill([len(yc), len(xc), len(h)], zero)
@@ -215,7 +217,7 @@ def _custom_op_detections(model, raw: dict, post: PostProcessing) -> dict:
     # the sigmoid: at 256 px a sigmoid of every anchor and class (12,276 x 91) took more
     # time than the op.
     logits, deltas = _concat_outputs(model, raw)
-    anchors = _anchor_tensor(model, deltas[0, 0, 0] * 0.0)
+    anchors = _anchor_tensor(model, deltas)
     d = post.max_detections
 
     # A placeholder body, which the converter replaces with the op (MLIR's nms_utils keys on
@@ -239,15 +241,16 @@ def _custom_op_detections(model, raw: dict, post: PostProcessing) -> dict:
 
 def _builtin_detections(model, raw: dict, post: PostProcessing) -> dict:
     logits, deltas = _concat_outputs(model, raw)
-    anchors = _anchor_tensor(model, deltas[0, 0, 0] * 0.0)
+    anchors = _anchor_tensor(model, deltas)
     # In logit space, as the custom op (see there).
     if post.class_agnostic:
         scores = tf.reduce_max(logits[0, :, 1:], axis=-1)
         classes = tf.cast(tf.argmax(logits[0, :, 1:], axis=-1), tf.int32) + 1
         boxes = _decode_clipped(deltas[0], anchors)
     else:
-        scores, anchor_idx, classes = _top_k_per_level(
-            logits[0, :, 1:], model.level_sizes, post.pre_nms_top_k
+        # The Keras model's own pre-NMS selection (TOPK_V2 in the file).
+        scores, anchor_idx, classes = (
+            t[0] for t in top_k_per_level(logits[:, :, 1:], model.level_sizes, post.pre_nms_top_k)
         )
         boxes = _decode_clipped(tf.gather(deltas[0], anchor_idx), tf.gather(anchors, anchor_idx))
     # A box wholly outside the input clips to zero area, and TFLite's NON_MAX_SUPPRESSION_V5
@@ -282,7 +285,6 @@ def _decode_clipped(deltas, anchors):
     """Boxes (ymin, xmin, ymax, xmax) as fractions of the input, clipped to it, from deltas
     [M, 4] (log-scales already capped) and center-size anchors [M, 4]. Clipped before NMS,
     as `RetinaNet.detect` does."""
-    anchors = tf.convert_to_tensor(anchors, tf.float32)
     dy, dx, dh, dw = tf.unstack(deltas, axis=-1)
     yc = dy * anchors[:, 2] + anchors[:, 0]
     xc = dx * anchors[:, 3] + anchors[:, 1]
@@ -290,23 +292,6 @@ def _decode_clipped(deltas, anchors):
     half_w = 0.5 * tf.exp(dw) * anchors[:, 3]
     boxes = tf.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], axis=-1)
     return tf.clip_by_value(boxes, 0.0, 1.0)
-
-
-def _top_k_per_level(logits, level_sizes, k: int):
-    """Each level's top k (anchor, class) pairs of logits [N, K - 1] (foreground columns), as
-    the Keras model's "per_level" pre-NMS selection: logits, anchor indices and classes
-    (1-based) [M], TOPK_V2 in TFLite."""
-    num_fg = logits.shape[-1]
-    values, anchor_idx, classes = [], [], []
-    start = 0
-    for size in level_sizes:
-        level = tf.reshape(logits[start : start + size], [size * num_fg])
-        top, idx = tf.math.top_k(level, k=min(k, size * num_fg))
-        values.append(top)
-        anchor_idx.append(idx // num_fg + start)
-        classes.append(idx % num_fg + 1)
-        start += size
-    return tf.concat(values, 0), tf.concat(anchor_idx, 0), tf.concat(classes, 0)
 
 
 def _detections(boxes, classes, scores, num, post: PostProcessing) -> dict:
@@ -426,17 +411,21 @@ def share_vectors(data: bytes) -> bytes:
     Files whose weights sit past the flatbuffer (buffer offsets, models over 2 GB) are
     returned as they are.
     """
+    return _repack(data)
+
+
+def _repack(data: bytes, edit: Callable | None = None) -> bytes:
+    """`data` read into flatbuffer_utils' model object, changed in place by `edit(model)`
+    if given, and written again with each distinct vector once. Files whose weights sit
+    past the flatbuffer (buffer offsets, models over 2 GB) are returned as they are."""
+    import flatbuffers
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.convert_bytearray_to_object(data)
     if any(buffer.offset > 1 for buffer in model.buffers):
         return data
-    return _pack(model, len(data))
-
-
-def _pack(model, size: int) -> bytes:
-    """A model object (flatbuffer_utils') as .tflite bytes, each distinct vector once."""
-    import flatbuffers
+    if edit is not None:
+        edit(model)
 
     class SharingBuilder(flatbuffers.Builder):
         def __init__(self, size):
@@ -449,7 +438,7 @@ def _pack(model, size: int) -> bytes:
                 self.written[key] = super().CreateNumpyVector(x)
             return self.written[key]
 
-    builder = SharingBuilder(size)
+    builder = SharingBuilder(len(data))
     builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
     return bytes(builder.Output())
 
@@ -460,19 +449,17 @@ def embed_contract(data: bytes, contract: dict) -> bytes:
     named entries (min_runtime_version); runtimes ignore names they do not know. Files
     whose weights sit past the flatbuffer (over 2 GB) are returned as they are."""
     from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils
 
-    model = flatbuffer_utils.convert_bytearray_to_object(data)
-    if any(buffer.offset > 1 for buffer in model.buffers):
-        return data
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(contract, indent=1).encode(), np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = CONTRACT_METADATA.encode(), len(model.buffers) - 1
-    others = [m for m in model.metadata or [] if m.name.decode() != CONTRACT_METADATA]
-    model.metadata = [*others, entry]
-    return _pack(model, len(data) + len(buffer.data))
+    def add(model):
+        buffer = schema.BufferT()
+        buffer.data = np.frombuffer(json.dumps(contract, indent=1).encode(), np.uint8)
+        model.buffers.append(buffer)
+        entry = schema.MetadataT()
+        entry.name, entry.buffer = CONTRACT_METADATA.encode(), len(model.buffers) - 1
+        others = [m for m in model.metadata or [] if m.name.decode() != CONTRACT_METADATA]
+        model.metadata = [*others, entry]
+
+    return _repack(data, add)
 
 
 def read_contract(data: bytes) -> dict | None:
