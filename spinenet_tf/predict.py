@@ -13,12 +13,12 @@ RetinaNet) and OUTPUT_DIR/detections.json (the task's records; RetinaNet: COCO r
 category_id, bbox [x, y, w, h], score, category_name; each with image_id and file_name). A
 SavedModel is read as the task its export recorded (RetinaNet, classification: top classes
 drawn beneath the image, records of category_id, category_name, score); give --gin_file
-too for a task of one's own. A TFLite file (detectors) is read with the JSON its export
-wrote beside it, each image fitted to the file's static input size. Image ids come from
---annotations (a COCO file listing the images) when given, else from numeric file names
-(COCO's 000000397133.jpg -> 397133; other names are numbered on from the largest), or, when
-numeric names repeat, from the image's position. Files that cannot be decoded are reported
-by name and skipped.
+too for a task of one's own. A TFLite file (detectors) is read with the contract its export
+wrote into it (else the JSON beside it), each image fitted to the file's static input
+size. Image ids come from --annotations (a COCO file listing the images) when given, else
+from numeric file names (COCO's 000000397133.jpg -> 397133; other names are numbered on
+from the largest), or, when numeric names repeat, from the image's position. Files that
+cannot be decoded are reported by name and skipped.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ from spinenet_tf.training import gin_bindings  # noqa: E402
 
 flags.DEFINE_string("saved_model", None, "A SavedModel from spinenet_tf.export.")
 flags.DEFINE_string(
-    "tflite", None, "A .tflite file from spinenet_tf.export --format=tflite (its .json beside)."
+    "tflite",
+    None,
+    "A .tflite file from spinenet_tf.export --format=tflite (its contract inside, or its .json "
+    "beside).",
 )
 flags.DEFINE_integer("num_threads", None, "--tflite: interpreter threads (default: its own).")
 cli.define_model_flags()
