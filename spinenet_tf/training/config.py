@@ -108,7 +108,9 @@ class ExperimentConfig:
         seed: seed of input order, augmentation and (deterministic) weight initialisation.
         deterministic: fixed input order and augmentation, TF op determinism (process-wide),
             and resumption that replays the input: a resumed run ends with an uninterrupted
-            run's weights. Not with jit_compile: XLA has no deterministic MaxPool gradient.
+            run's weights. Each step is its own graph call (no while loop over
+            steps_per_loop, with which runs of one seed parted on CPU). Not with jit_compile:
+            XLA has no deterministic MaxPool gradient.
         num_vis_images: evaluation images saved with the task's drawing of its outputs.
         synthetic_data_dir: when set, the synthetic shapes dataset is generated there (if
             absent) and used for any split without a source.
